@@ -1,0 +1,84 @@
+//! The store's error type: what can go wrong opening, reading and writing the cache on disk.
+
+use std::io;
+use std::path::PathBuf;
+
+use super::format::FormatError;
+
+/// Everything a store operation can fail with. None of these is a panic: damaged data on disk
+/// surfaces here (or is dropped and logged) and the cache carries on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The embedded database (sled) failed.
+    #[error("store database error: {0}")]
+    Db(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// A file-system operation failed.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the store (sled allows one process per directory).
+    #[error(
+        "the store at {0} is locked by another process; is a larder server already running on this data directory?"
+    )]
+    Locked(PathBuf),
+    /// The store was written by a newer larder.
+    #[error(
+        "the store at {path} has schema version {found}, but this larder supports up to version {supported}; \
+         run a newer larder, or move the directory aside to start with an empty cache"
+    )]
+    NewerSchema {
+        /// The store directory.
+        path: PathBuf,
+        /// The version recorded in the store.
+        found: u32,
+        /// The newest version this code knows.
+        supported: u32,
+    },
+    /// The store records a schema version that no larder ever wrote (or no upgrade path exists).
+    #[error("the store at {path} has schema version {found}, which this larder cannot upgrade")]
+    UnsupportedSchema {
+        /// The store directory.
+        path: PathBuf,
+        /// The version recorded in the store.
+        found: u32,
+    },
+    /// The body file of an entry is gone; the entry has been removed.
+    #[error("body file {0} is missing; the entry was removed")]
+    BodyMissing(PathBuf),
+    /// A stored body does not match its blake3 hash (or its length); the entry has been removed.
+    #[error("the stored body of {url} is damaged; the entry was removed")]
+    BodyCorrupt {
+        /// The entry's URL.
+        url: String,
+    },
+    /// The body ended before the expected number of bytes (or ran past it).
+    #[error("body truncated: expected {expected} bytes, got {got}")]
+    Truncated {
+        /// The announced length.
+        expected: u64,
+        /// The bytes written.
+        got: u64,
+    },
+    /// A purge happened after this write began, so the response it carries may be what was purged.
+    #[error("a purge happened while this response was being fetched; it was not stored")]
+    Superseded,
+    /// The entry could not be encoded (e.g. headers too large for a record).
+    #[error("entry cannot be stored: {0}")]
+    Format(#[from] FormatError),
+    /// The options passed to `Store::open` are out of range.
+    #[error("invalid store options: {0}")]
+    InvalidOptions(String),
+}
+
+impl StoreError {
+    /// An I/O error with the path it happened on.
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Io { path, source }
+    }
+}

@@ -1,0 +1,649 @@
+//! The sled trees holding entry records and everything indexed from them (URLs, tags, expiry, body reference counts, counters, schema version); the ONLY file that uses sled.
+//!
+//! Trees (layout frozen as schema v1, see `migrations/0001-initial.md`):
+//! - `entries`:  variant key (64 B) → record (format.rs)
+//! - `urls`:     url bytes ‖ variant key → ""            (purge/dump by URL prefix = range scan)
+//! - `tags`:     u32 BE len ‖ tag ‖ variant key → ""     (purge/dump by tag)
+//! - `expiry`:   stale_until unix ms u64 BE ‖ variant key → ""   (oldest first)
+//! - `bodyrefs`: body blake3 (32 B) → u64 BE reference count (file bodies only)
+//! - `meta`:     "schema_version" → u32 BE; "stat.*" → u64 BE counters
+//!
+//! Every change to an entry updates all of these in ONE sled transaction, so after a crash the
+//! indexes and counters agree with the records. Index rows whose record is gone or disagrees
+//! (possible only after a record failed to decode) are deleted when a scan meets them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
+    TransactionalTree, abort,
+};
+use sled::{Db, Transactional, Tree};
+
+use super::format::{FormatError, decode_entry, encode_entry, time_to_ms};
+use super::{Entry, StoreError, StoreStats};
+use crate::key::VariantKey;
+
+const KEY_LEN: usize = 64;
+/// Index rows carry everything in their key.
+const EMPTY: &[u8] = &[];
+const SCHEMA_KEY: &[u8] = b"schema_version";
+const STAT_ENTRIES: &[u8] = b"stat.entries";
+const STAT_BODY_BYTES: &[u8] = b"stat.body_bytes";
+const STAT_FILES: &[u8] = b"stat.files";
+const STAT_FILE_BYTES: &[u8] = b"stat.file_bytes";
+
+fn db_err(e: sled::Error) -> StoreError {
+    StoreError::Db(Box::new(e))
+}
+
+fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => db_err(e),
+    }
+}
+
+/// The open sled database and its trees.
+pub(super) struct Index {
+    db: Db,
+    entries: Tree,
+    urls: Tree,
+    tags: Tree,
+    expiry: Tree,
+    refs: Tree,
+    meta: Tree,
+    /// Records dropped because they did not decode, since open.
+    dropped: AtomicU64,
+}
+
+/// The six trees inside one transaction.
+struct Tx<'a> {
+    e: &'a TransactionalTree,
+    u: &'a TransactionalTree,
+    t: &'a TransactionalTree,
+    x: &'a TransactionalTree,
+    r: &'a TransactionalTree,
+    m: &'a TransactionalTree,
+}
+
+type TxResult<T> = ConflictableTransactionResult<T, StoreError>;
+
+/// Opens (or creates) the sled database at `path`. On corruption the directory is renamed to
+/// `<path>.corrupt-<unix secs of now>` and an empty one is opened: the cache is disposable, the
+/// proxy is not. Returns where the damaged directory went, if it was moved.
+pub(super) fn open(
+    path: &Path,
+    cache_capacity: u64,
+    now: SystemTime,
+) -> Result<(Index, Option<PathBuf>), StoreError> {
+    match try_open(path, cache_capacity) {
+        Ok(index) => Ok((index, None)),
+        Err(Failure::Corrupt(why)) => {
+            let aside = quarantine_path(path, now);
+            tracing::error!(
+                store = %path.display(),
+                moved_to = %aside.display(),
+                error = %why,
+                "store database is corrupt; moved it aside and starting with an empty cache"
+            );
+            std::fs::rename(path, &aside).map_err(StoreError::io(path))?;
+            match try_open(path, cache_capacity) {
+                Ok(index) => Ok((index, Some(aside))),
+                Err(Failure::Corrupt(why)) => Err(StoreError::Db(why.into())),
+                Err(Failure::Other(e)) => Err(e),
+            }
+        }
+        Err(Failure::Other(e)) => Err(e),
+    }
+}
+
+enum Failure {
+    Corrupt(String),
+    Other(StoreError),
+}
+
+fn try_open(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
+    // sled has been seen to panic instead of erroring on some damaged logs; a panic while opening
+    // is treated like reported corruption, never allowed to take the process down.
+    let attempt = std::panic::catch_unwind(|| -> sled::Result<Index> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_capacity)
+            // The store runs its own flusher: it must know when a flush finished, to unlink
+            // released body files only once their removal is durable.
+            .flush_every_ms(None)
+            .open()?;
+        let index = Index {
+            entries: db.open_tree("entries")?,
+            urls: db.open_tree("urls")?,
+            tags: db.open_tree("tags")?,
+            expiry: db.open_tree("expiry")?,
+            refs: db.open_tree("bodyrefs")?,
+            meta: db.open_tree("meta")?,
+            db,
+            dropped: AtomicU64::new(0),
+        };
+        // Reading one key forces recovery far enough to surface a damaged meta tree now.
+        index.meta.get(SCHEMA_KEY)?;
+        Ok(index)
+    });
+    match attempt {
+        Ok(Ok(index)) => Ok(index),
+        Ok(Err(e)) => Err(classify(path, e)),
+        Err(_) => Err(Failure::Corrupt("sled panicked while opening".into())),
+    }
+}
+
+/// Opens and closes the database once, so that sled writes a recovery snapshot (it does so only
+/// while opening) and the next open replays only what is written after it.
+pub(super) fn checkpoint(path: &Path, cache_capacity: u64) -> Result<(), StoreError> {
+    match try_open(path, cache_capacity) {
+        Ok(index) => index.flush(),
+        Err(Failure::Corrupt(why)) => Err(StoreError::Db(why.into())),
+        Err(Failure::Other(e)) => Err(e),
+    }
+}
+
+fn classify(path: &Path, e: sled::Error) -> Failure {
+    match e {
+        // `Unsupported` is what sled says when its `conf` file holds garbage; to the cache that is
+        // the same as corruption.
+        sled::Error::Corruption { .. }
+        | sled::Error::ReportableBug(_)
+        | sled::Error::Unsupported(_) => Failure::Corrupt(e.to_string()),
+        // sled reports a held lock as a generic I/O error ("could not acquire lock on …").
+        sled::Error::Io(ref io)
+            if io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().contains("could not acquire lock") =>
+        {
+            Failure::Other(StoreError::Locked(path.to_path_buf()))
+        }
+        other => Failure::Other(db_err(other)),
+    }
+}
+
+fn quarantine_path(path: &Path, now: SystemTime) -> PathBuf {
+    let secs = time_to_ms(now) / 1000;
+    let base = format!("{}.corrupt-{secs}", path.display());
+    let mut candidate = PathBuf::from(&base);
+    let mut n = 1;
+    // Two corruptions within one second must not collide.
+    while candidate.exists() {
+        candidate = PathBuf::from(format!("{base}.{n}"));
+        n += 1;
+    }
+    candidate
+}
+
+fn url_row(url: &str, key: &VariantKey) -> Vec<u8> {
+    let mut row = Vec::with_capacity(url.len() + KEY_LEN);
+    row.extend_from_slice(url.as_bytes());
+    row.extend_from_slice(key.as_bytes());
+    row
+}
+
+fn tag_prefix(tag: &str) -> Vec<u8> {
+    // Length-prefixed so that tag "a" never prefix-matches rows of tag "ab".
+    let mut row = Vec::with_capacity(4 + tag.len() + KEY_LEN);
+    row.extend_from_slice(&(tag.len() as u32).to_be_bytes());
+    row.extend_from_slice(tag.as_bytes());
+    row
+}
+
+fn tag_row(tag: &str, key: &VariantKey) -> Vec<u8> {
+    let mut row = tag_prefix(tag);
+    row.extend_from_slice(key.as_bytes());
+    row
+}
+
+/// When an entry stops being usable without the origin: the expiry index's sort key.
+pub(super) fn expiry_ms(e: &Entry) -> u64 {
+    time_to_ms(e.freshness.stale_until())
+}
+
+fn expiry_row(ms: u64, key: &VariantKey) -> Vec<u8> {
+    let mut row = Vec::with_capacity(8 + KEY_LEN);
+    row.extend_from_slice(&ms.to_be_bytes());
+    row.extend_from_slice(key.as_bytes());
+    row
+}
+
+fn be_u64(v: &[u8]) -> u64 {
+    v.try_into().map_or(0, u64::from_be_bytes)
+}
+
+fn is_file(e: &Entry) -> bool {
+    e.body.inline.is_none()
+}
+
+impl Tx<'_> {
+    fn insert_rows(&self, key: &VariantKey, e: &Entry) -> TxResult<()> {
+        self.u.insert(url_row(&e.url, key), EMPTY)?;
+        for tag in &e.tags {
+            self.t.insert(tag_row(tag, key), EMPTY)?;
+        }
+        self.x.insert(expiry_row(expiry_ms(e), key), EMPTY)?;
+        Ok(())
+    }
+
+    fn remove_rows(&self, key: &VariantKey, e: &Entry) -> TxResult<()> {
+        self.u.remove(url_row(&e.url, key))?;
+        for tag in &e.tags {
+            self.t.remove(tag_row(tag, key))?;
+        }
+        self.x.remove(expiry_row(expiry_ms(e), key))?;
+        Ok(())
+    }
+
+    fn bump(&self, stat: &[u8], delta: i64) -> TxResult<()> {
+        let cur = self.m.get(stat)?.map_or(0, |v| be_u64(&v));
+        let next = cur.saturating_add_signed(delta);
+        self.m.insert(stat, &next.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    /// Applies reference-count changes (hash, body length, delta), merged per hash so that a
+    /// replacement with the same body is a no-op. Returns the hashes left with no reference:
+    /// their files may be unlinked once this transaction is durable.
+    fn apply_refs(&self, deltas: &[([u8; 32], u64, i64)]) -> TxResult<Vec<[u8; 32]>> {
+        let mut merged: BTreeMap<[u8; 32], (u64, i64)> = BTreeMap::new();
+        for (hash, len, d) in deltas {
+            let slot = merged.entry(*hash).or_insert((*len, 0));
+            slot.1 += d;
+        }
+        let mut freed = Vec::new();
+        for (hash, (len, d)) in merged {
+            if d == 0 {
+                continue;
+            }
+            let cur = self.r.get(hash)?.map_or(0, |v| be_u64(&v));
+            let next = cur.saturating_add_signed(d);
+            if next == 0 {
+                if cur > 0 {
+                    self.r.remove(&hash[..])?;
+                    self.bump(STAT_FILES, -1)?;
+                    self.bump(STAT_FILE_BYTES, -(len as i64))?;
+                }
+                freed.push(hash);
+            } else {
+                self.r.insert(&hash[..], &next.to_be_bytes()[..])?;
+                if cur == 0 {
+                    self.bump(STAT_FILES, 1)?;
+                    self.bump(STAT_FILE_BYTES, len as i64)?;
+                }
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Unindexes an existing record's rows, counters and body reference (in `deltas`).
+    fn release(
+        &self,
+        key: &VariantKey,
+        old: &Entry,
+        deltas: &mut Vec<([u8; 32], u64, i64)>,
+    ) -> TxResult<()> {
+        self.remove_rows(key, old)?;
+        self.bump(STAT_BODY_BYTES, -(old.body.len as i64))?;
+        if is_file(old) {
+            deltas.push((old.body.blake3, old.body.len, -1));
+        }
+        Ok(())
+    }
+}
+
+/// What a transaction found when it tried to change a record in place.
+enum Found<T> {
+    Gone,
+    Undecodable(FormatError),
+    Done(T),
+}
+
+impl Index {
+    fn txn<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
+        (
+            &self.entries,
+            &self.urls,
+            &self.tags,
+            &self.expiry,
+            &self.refs,
+            &self.meta,
+        )
+            .transaction(|(e, u, t, x, r, m)| f(&Tx { e, u, t, x, r, m }))
+            .map_err(tx_err)
+    }
+
+    /// The recorded schema version, `None` for a store that has never recorded one (new).
+    pub(super) fn schema_version(&self) -> Result<Option<u32>, StoreError> {
+        let v = self.meta.get(SCHEMA_KEY).map_err(db_err)?;
+        Ok(v.map(|v| v.as_ref().try_into().map_or(0, u32::from_be_bytes)))
+    }
+
+    /// Records the schema version; durable once this returns.
+    pub(super) fn set_schema_version(&self, version: u32) -> Result<(), StoreError> {
+        self.meta
+            .insert(SCHEMA_KEY, &version.to_be_bytes()[..])
+            .map_err(db_err)?;
+        self.db.flush().map_err(db_err)?;
+        Ok(())
+    }
+
+    /// True if the entries tree holds no record (a cheap check: one iterator step).
+    pub(super) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Inserts or replaces the record of `key` (already encoded as `record`) with all its index
+    /// rows, counters and body reference, releasing whatever the old record held.
+    /// Returns the body hashes left unreferenced.
+    pub(super) fn commit(
+        &self,
+        key: &VariantKey,
+        record: &[u8],
+        new: &Entry,
+    ) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.txn(|tx| {
+            let mut deltas = Vec::with_capacity(2);
+            match tx.e.get(key.as_bytes())? {
+                Some(old) => {
+                    // An old record that no longer decodes keeps its rows until a scan heals them,
+                    // and its body reference leaks until an orphan sweep: nothing wrong is served.
+                    if let Ok(old) = decode_entry(&old) {
+                        tx.release(key, &old, &mut deltas)?;
+                    }
+                }
+                None => tx.bump(STAT_ENTRIES, 1)?,
+            }
+            tx.insert_rows(key, new)?;
+            tx.bump(STAT_BODY_BYTES, new.body.len as i64)?;
+            if is_file(new) {
+                deltas.push((new.body.blake3, new.body.len, 1));
+            }
+            let freed = tx.apply_refs(&deltas)?;
+            tx.e.insert(&key.as_bytes()[..], record)?;
+            Ok(freed)
+        })
+    }
+
+    /// Removes the record of `key`; with `only_if_body`, only while it still holds that body (so a
+    /// reader that found a damaged body cannot remove a newer replacement). `None` if nothing was
+    /// removed, else the body hashes left unreferenced.
+    pub(super) fn remove(
+        &self,
+        key: &VariantKey,
+        only_if_body: Option<&[u8; 32]>,
+    ) -> Result<Option<Vec<[u8; 32]>>, StoreError> {
+        self.txn(|tx| {
+            let Some(old) = tx.e.get(key.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut deltas = Vec::with_capacity(1);
+            if let Ok(old) = decode_entry(&old) {
+                if only_if_body.is_some_and(|h| *h != old.body.blake3) {
+                    return Ok(None);
+                }
+                tx.release(key, &old, &mut deltas)?;
+            }
+            tx.bump(STAT_ENTRIES, -1)?;
+            tx.e.remove(&key.as_bytes()[..])?;
+            Ok(Some(tx.apply_refs(&deltas)?))
+        })
+    }
+
+    /// Rewrites the record of `key` through `change` (headers and freshness only; the body and its
+    /// reference stay). `false` if the record is gone.
+    pub(super) fn update(
+        &self,
+        key: &VariantKey,
+        change: &dyn Fn(&mut Entry),
+    ) -> Result<bool, StoreError> {
+        let found = self.txn(|tx| {
+            let Some(old) = tx.e.get(key.as_bytes())? else {
+                return Ok(Found::Gone);
+            };
+            let old = match decode_entry(&old) {
+                Ok(old) => old,
+                Err(e) => return Ok(Found::Undecodable(e)),
+            };
+            let mut new = old.clone();
+            change(&mut new);
+            new.body = old.body.clone();
+            let record = match encode_entry(&new) {
+                Ok(r) => r,
+                Err(e) => return abort(StoreError::from(e)),
+            };
+            tx.remove_rows(key, &old)?;
+            tx.insert_rows(key, &new)?;
+            tx.e.insert(&key.as_bytes()[..], record)?;
+            Ok(Found::Done(()))
+        })?;
+        match found {
+            Found::Done(()) => Ok(true),
+            Found::Gone => Ok(false),
+            Found::Undecodable(e) => {
+                self.drop_undecodable(key, &e)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// The entry stored under `key`; an undecodable record is dropped (logged) and reads as absent.
+    pub(super) fn get(&self, key: &VariantKey) -> Result<Option<Entry>, StoreError> {
+        let Some(bytes) = self.entries.get(key.as_bytes()).map_err(db_err)? else {
+            return Ok(None);
+        };
+        match decode_entry(&bytes) {
+            Ok(e) => Ok(Some(e)),
+            Err(e) => {
+                self.drop_undecodable(key, &e)?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn drop_undecodable(&self, key: &VariantKey, why: &FormatError) -> Result<(), StoreError> {
+        tracing::warn!(key = %key.to_hex(), error = %why, "dropping undecodable store record");
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.txn(|tx| {
+            // Re-check inside the transaction: a writer may have replaced it meanwhile.
+            if let Some(bytes) = tx.e.get(key.as_bytes())?
+                && decode_entry(&bytes).is_err()
+            {
+                tx.e.remove(&key.as_bytes()[..])?;
+                tx.bump(STAT_ENTRIES, -1)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn decode_rows<'a>(
+        &'a self,
+        iter: sled::Iter,
+    ) -> impl Iterator<Item = Result<(VariantKey, Entry), StoreError>> + 'a {
+        iter.filter_map(move |item| {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(db_err(e))),
+            };
+            let Some(key) = VariantKey::from_bytes(&k) else {
+                tracing::warn!(len = k.len(), "dropping store record with a malformed key");
+                return self.entries.remove(&k).err().map(|e| Err(db_err(e)));
+            };
+            match decode_entry(&v) {
+                Ok(e) => Some(Ok((key, e))),
+                Err(why) => self.drop_undecodable(&key, &why).err().map(Err),
+            }
+        })
+    }
+
+    /// Every variant stored under one primary hash.
+    pub(super) fn scan_primary<'a>(
+        &'a self,
+        primary: &[u8; 32],
+    ) -> impl Iterator<Item = Result<(VariantKey, Entry), StoreError>> + use<'a> {
+        self.decode_rows(self.entries.scan_prefix(primary))
+    }
+
+    /// Every entry, in key order.
+    pub(super) fn scan_all(
+        &self,
+    ) -> impl Iterator<Item = Result<(VariantKey, Entry), StoreError>> + '_ {
+        self.decode_rows(self.entries.iter())
+    }
+
+    /// Resolves index rows to entries, healing rows whose entry is gone or no longer matches.
+    fn resolve_rows<'a>(
+        &'a self,
+        tree: &'a Tree,
+        iter: sled::Iter,
+        key_at: usize,
+        matches: impl Fn(&[u8], &Entry) -> bool + 'a,
+    ) -> impl Iterator<Item = Result<(VariantKey, Entry), StoreError>> + 'a {
+        iter.filter_map(move |item| {
+            let row = match item {
+                Ok((row, _)) => row,
+                Err(e) => return Some(Err(db_err(e))),
+            };
+            let key = row
+                .len()
+                .checked_sub(KEY_LEN)
+                .filter(|&at| at >= key_at)
+                .and_then(|at| VariantKey::from_bytes(&row[at..]));
+            let Some(key) = key else {
+                return tree.remove(&row).err().map(|e| Err(db_err(e)));
+            };
+            match self.get(&key) {
+                Err(e) => Some(Err(e)),
+                Ok(Some(e)) if matches(&row, &e) => Some(Ok((key, e))),
+                Ok(_) => self.heal(tree, &row, &key, &matches).err().map(Err),
+            }
+        })
+    }
+
+    /// Deletes an index row whose entry is gone or disagrees, re-checked in a transaction so a
+    /// concurrent commit that just wrote both is not undone.
+    fn heal(
+        &self,
+        tree: &Tree,
+        row: &[u8],
+        key: &VariantKey,
+        matches: &dyn Fn(&[u8], &Entry) -> bool,
+    ) -> Result<(), StoreError> {
+        (&self.entries, tree)
+            .transaction(|(e, t)| {
+                let valid = match e.get(key.as_bytes())? {
+                    Some(bytes) => decode_entry(&bytes).is_ok_and(|e| matches(row, &e)),
+                    None => false,
+                };
+                if !valid {
+                    t.remove(row)?;
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_err)
+    }
+
+    /// Entries whose readable URL starts with `prefix` (a range scan of the `urls` tree).
+    pub(super) fn scan_url_prefix<'a>(
+        &'a self,
+        prefix: &str,
+    ) -> impl Iterator<Item = Result<(VariantKey, Entry), StoreError>> + use<'a> {
+        let iter = self.urls.scan_prefix(prefix.as_bytes());
+        self.resolve_rows(&self.urls, iter, 0, |row, e| {
+            row.len() == e.url.len() + KEY_LEN && row.starts_with(e.url.as_bytes())
+        })
+    }
+
+    /// Entries carrying `tag`.
+    pub(super) fn scan_tag<'a>(
+        &'a self,
+        tag: &str,
+    ) -> impl Iterator<Item = Result<(VariantKey, Entry), StoreError>> + use<'a> {
+        let prefix = tag_prefix(tag);
+        let at = prefix.len();
+        let iter = self.tags.scan_prefix(&prefix);
+        self.resolve_rows(&self.tags, iter, at, move |row, e| {
+            row.len() == at + KEY_LEN && e.tags.iter().any(|t| tag_prefix(t) == row[..at])
+        })
+    }
+
+    /// Up to `limit` keys whose stale_until is at or before `until_ms`, oldest first.
+    pub(super) fn scan_expired(
+        &self,
+        until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<VariantKey>, StoreError> {
+        let iter = match until_ms.checked_add(1) {
+            Some(end) => self.expiry.range(..end.to_be_bytes().to_vec()),
+            None => self.expiry.iter(),
+        };
+        let rows = self.resolve_rows(&self.expiry, iter, 8, |row, e| {
+            row.len() == 8 + KEY_LEN && be_u64(&row[..8]) == expiry_ms(e)
+        });
+        rows.take(limit).map(|r| r.map(|(k, _)| k)).collect()
+    }
+
+    /// How many entries reference the body file `hash`.
+    pub(super) fn refcount(&self, hash: &[u8; 32]) -> Result<u64, StoreError> {
+        Ok(self
+            .refs
+            .get(hash)
+            .map_err(db_err)?
+            .map_or(0, |v| be_u64(&v)))
+    }
+
+    /// The persistent counters.
+    pub(super) fn stats(&self) -> Result<StoreStats, StoreError> {
+        let get = |k: &[u8]| -> Result<u64, StoreError> {
+            Ok(self.meta.get(k).map_err(db_err)?.map_or(0, |v| be_u64(&v)))
+        };
+        Ok(StoreStats {
+            entries: get(STAT_ENTRIES)?,
+            body_bytes: get(STAT_BODY_BYTES)?,
+            body_files: get(STAT_FILES)?,
+            body_file_bytes: get(STAT_FILE_BYTES)?,
+            dropped_records: self.dropped.load(Ordering::Relaxed),
+            ..StoreStats::default()
+        })
+    }
+
+    /// Makes every write so far durable (fsync), blocking.
+    pub(super) fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(drop).map_err(db_err)
+    }
+
+    /// Makes every write so far durable on sled's own thread pool.
+    pub(super) async fn flush_async(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await.map(drop).map_err(db_err)
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    /// Opens the raw index (no schema handling) for tests that forge on-disk states.
+    pub(in crate::store) fn open_raw(path: &Path) -> Index {
+        match try_open(path, 1 << 20) {
+            Ok(i) => i,
+            Err(Failure::Corrupt(why)) => panic!("corrupt: {why}"),
+            Err(Failure::Other(e)) => panic!("{e}"),
+        }
+    }
+
+    /// Writes raw bytes as the record of `key`, bypassing encoding and indexes.
+    pub(in crate::store) fn put_raw(index: &Index, key: &VariantKey, bytes: &[u8]) {
+        index.entries.insert(key.as_bytes(), bytes).unwrap();
+    }
+
+    #[test]
+    fn tag_rows_do_not_prefix_match_longer_tags() {
+        let k = VariantKey::from_bytes(&[1; 64]).unwrap();
+        assert!(!tag_row("ab", &k).starts_with(&tag_prefix("a")));
+        assert!(tag_row("a", &k).starts_with(&tag_prefix("a")));
+    }
+}

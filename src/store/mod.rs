@@ -1,0 +1,773 @@
+//! The persistent cache store behind one `Store` handle: entries and their variants, body blobs, tags, purges, integrity and schema versions; depends on key and policy data types only, and makes no HTTP decision.
+//!
+//! Layout under the data directory:
+//! - `db/`: the sled database (records and indexes, see index.rs); disposable: moved aside if corrupt.
+//! - `bodies/ab/cd/<blake3 hex>`: bodies larger than `inline_max`, one file per distinct content.
+//! - `bodies/tmp/`: bodies being written; emptied at open.
+//!
+//! Invariants, and why they hold across a crash:
+//! - A record never points at a body file that was not durably on disk first: the file is fsynced,
+//!   renamed and its directory fsynced before the record's transaction is written.
+//! - A body file is unlinked only after the transaction that dropped its last reference has been
+//!   flushed (the store's flusher thread, `flush()`, or close), so a crash cannot resurrect a
+//!   record whose file is gone. A crash can leave unreferenced files, which
+//!   [`Store::sweep_orphan_bodies`] removes.
+//! - Every body is verified against its blake3 when read; damage drops the entry.
+
+mod bodies;
+mod error;
+mod format;
+mod index;
+mod migrate;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+pub use bodies::BodyStream;
+pub use error::StoreError;
+pub use format::{FormatError, MAX_INLINE_MAX};
+pub use migrate::CURRENT_SCHEMA;
+
+use bodies::{Bodies, SpillFile};
+use index::Index;
+
+use crate::key::{PrimaryKey, VariantKey};
+use crate::policy::{Freshness, HeaderList};
+
+/// How a store is tuned. The defaults suit a proxy with a few GiB of cache.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Bodies up to this many bytes live inline in the sled record; larger ones become body files.
+    /// At most [`MAX_INLINE_MAX`]. Default 16 KiB (see the store benchmark: inline puts avoid two
+    /// fsyncs, but sled rewrites whole leaves holding large values, so the limit stays small).
+    pub inline_max: usize,
+    /// sled page-cache bytes. Default 64 MiB.
+    pub cache_capacity: u64,
+    /// How often the store flushes sled to disk and unlinks released body files; `None` = only on
+    /// [`Store::flush`] and close. Default `Some(500)`.
+    pub flush_every_ms: Option<u64>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            inline_max: 16 * 1024,
+            cache_capacity: 64 * 1024 * 1024,
+            flush_every_ms: Some(500),
+        }
+    }
+}
+
+/// One stored response (one variant of one URL).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    /// The readable URL ([`PrimaryKey::url`]).
+    pub url: String,
+    /// The response status.
+    pub status: u16,
+    /// The stored response header fields.
+    pub headers: HeaderList,
+    /// The selecting request values this variant was stored under (see [`VariantKey::new`]).
+    pub vary: Vec<(String, Option<String>)>,
+    /// Freshness facts computed by policy when the response was stored (kept to the millisecond).
+    pub freshness: Freshness,
+    /// Surrogate keys, for purge by tag.
+    pub tags: Vec<String>,
+    /// When the store took the entry (kept to the millisecond).
+    pub stored_at: SystemTime,
+    /// Filled by the store at commit; ignored on input.
+    pub body: BodyInfo,
+}
+
+/// Where and what a stored body is.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BodyInfo {
+    /// Body length in bytes.
+    pub len: u64,
+    /// blake3 of the body; every read is checked against it.
+    pub blake3: [u8; 32],
+    /// `Some` = the body lives inline in the record; `None` = in the body file named by `blake3`.
+    pub inline: Option<Bytes>,
+}
+
+/// Counters kept in the database, updated in the same transactions as the entries (not scanned),
+/// plus a few counted in memory since open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Stored entries (variants).
+    pub entries: u64,
+    /// Sum of the body lengths of all entries (inline and file, shared files counted per entry).
+    pub body_bytes: u64,
+    /// Distinct body files referenced.
+    pub body_files: u64,
+    /// Bytes in referenced body files (each distinct file once): the disk the bodies use.
+    pub body_file_bytes: u64,
+    /// Records dropped since open because they did not decode.
+    pub dropped_records: u64,
+    /// Entries dropped since open because their body was damaged or missing.
+    pub damaged_bodies: u64,
+}
+
+/// A handle to an open store. Cheap to clone; all clones share one database. Send + Sync.
+/// The database closes (flushed) when the last clone, writer and body stream are dropped.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+/// Owns the flusher thread; its drop stops the thread before the database closes, so that
+/// dropping the last `Store` really releases the directory lock.
+struct Inner {
+    /// `Some` until drop.
+    shared: Option<Arc<Shared>>,
+    flusher: Option<Flusher>,
+}
+
+struct Flusher {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    cache_capacity: u64,
+    index: Index,
+    bodies: Bodies,
+    inline_max: usize,
+    /// Bumped by every purge; a write that began under another generation is refused.
+    generation: AtomicU64,
+    /// Writers hold it shared from their generation check to their transaction; a purge takes it
+    /// exclusively only to bump the generation. So a write either lands before the purge scans,
+    /// or sees the new generation.
+    purge_lock: RwLock<()>,
+    /// Body files released by committed transactions, to unlink after the next flush. Its lock
+    /// also orders file installs against unlinks: an install + its reference happen under it,
+    /// and an unlink re-checks the reference count under it.
+    released: Mutex<Vec<[u8; 32]>>,
+    damaged: AtomicU64,
+    quarantined: Option<PathBuf>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves plain data behind; carry on with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Store {
+    /// Opens or creates the store under `dir` (`dir/db` for sled, `dir/bodies/` for body files).
+    /// O(1) in the number of entries: nothing is scanned.
+    ///
+    /// A corrupt sled directory is renamed to `dir/db.corrupt-<unix secs>` (logged at error level,
+    /// see [`Store::quarantined`]) and an empty store opened. A newer schema version is refused
+    /// with [`StoreError::NewerSchema`]; an older one is upgraded in place. A directory held by
+    /// another process gives [`StoreError::Locked`].
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+        // The only clock read of the store, used to name a quarantined directory.
+        Store::open_at(dir, opts, SystemTime::now())
+    }
+
+    /// [`Store::open`] with the current time given (it names a quarantined directory).
+    pub fn open_at(dir: &Path, opts: StoreOptions, now: SystemTime) -> Result<Store, StoreError> {
+        if opts.inline_max > MAX_INLINE_MAX {
+            return Err(StoreError::InvalidOptions(format!(
+                "inline_max {} is over the maximum of {MAX_INLINE_MAX}",
+                opts.inline_max
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(StoreError::io(dir))?;
+        let (index, quarantined) = index::open(&dir.join("db"), opts.cache_capacity, now)?;
+        migrate::prepare(&index, dir)?;
+        // Only now that we hold the database lock is it safe to clear another run's temp files.
+        let bodies = Bodies::open(&dir.join("bodies"))?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            cache_capacity: opts.cache_capacity,
+            index,
+            bodies,
+            inline_max: opts.inline_max,
+            generation: AtomicU64::new(0),
+            purge_lock: RwLock::new(()),
+            released: Mutex::new(Vec::new()),
+            damaged: AtomicU64::new(0),
+            quarantined,
+        });
+        let flusher = opts
+            .flush_every_ms
+            .map(|ms| Flusher::start(shared.clone(), Duration::from_millis(ms.max(1))));
+        Ok(Store {
+            inner: Arc::new(Inner {
+                shared: Some(shared),
+                flusher,
+            }),
+        })
+    }
+
+    fn shared(&self) -> &Shared {
+        self.inner
+            .shared
+            .as_deref()
+            .expect("the store is shared until its last handle drops")
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared().dir
+    }
+
+    /// Where a corrupt database was moved when this store opened, if it was.
+    pub fn quarantined(&self) -> Option<&Path> {
+        self.shared().quarantined.as_deref()
+    }
+
+    /// Every stored variant of a URL (a prefix scan on the primary hash). Undecodable records are
+    /// deleted, logged and skipped.
+    pub fn variants(&self, primary: &PrimaryKey) -> Result<Vec<(VariantKey, Entry)>, StoreError> {
+        self.shared().index.scan_primary(primary.hash()).collect()
+    }
+
+    /// The entry stored under `key`.
+    pub fn get(&self, key: &VariantKey) -> Result<Option<Entry>, StoreError> {
+        self.shared().index.get(key)
+    }
+
+    /// The body of `entry` (as returned by this store for `key`) as a verified stream of chunks.
+    ///
+    /// An inline body is checked before the first chunk: if damaged, the entry is removed and
+    /// [`StoreError::BodyCorrupt`] returned. A body file is hashed as it streams; on damage the
+    /// stream's last item is an `Err` and the entry is removed. A missing file gives
+    /// [`StoreError::BodyMissing`] and removes the entry.
+    pub async fn open_body(
+        &self,
+        key: &VariantKey,
+        entry: &Entry,
+    ) -> Result<BodyStream, StoreError> {
+        let body = &entry.body;
+        if let Some(inline) = &body.inline {
+            if inline.len() as u64 != body.len || *blake3::hash(inline).as_bytes() != body.blake3 {
+                self.drop_damaged(
+                    key,
+                    &body.blake3,
+                    &entry.url,
+                    "inline body does not match its hash",
+                );
+                return Err(StoreError::BodyCorrupt {
+                    url: entry.url.clone(),
+                });
+            }
+            return Ok(BodyStream::inline(inline.clone()));
+        }
+        let path = self.shared().bodies.path_of(&body.blake3);
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.drop_damaged(key, &body.blake3, &entry.url, "body file is missing");
+                return Err(StoreError::BodyMissing(path));
+            }
+            Err(e) => return Err(StoreError::Io { path, source: e }),
+        };
+        let (store, key_copy, hash, url) = (self.clone(), *key, body.blake3, entry.url.clone());
+        let on_damage = Box::new(move || {
+            store.drop_damaged(&key_copy, &hash, &url, "body file does not match its hash");
+        });
+        Ok(BodyStream::file(
+            file,
+            body.len,
+            body.blake3,
+            entry.url.clone(),
+            on_damage,
+        ))
+    }
+
+    /// Reads a whole body into memory, verified (for tests and small bodies).
+    pub async fn read_body_to_vec(
+        &self,
+        key: &VariantKey,
+        entry: &Entry,
+    ) -> Result<Vec<u8>, StoreError> {
+        let mut stream = self.open_body(key, entry).await?;
+        let mut out = Vec::with_capacity(usize::try_from(entry.body.len).unwrap_or(0).min(1 << 24));
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => out.extend_from_slice(&c),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(StoreError::BodyCorrupt {
+                        url: entry.url.clone(),
+                    });
+                }
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        path: self.shared().bodies.path_of(&entry.body.blake3),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes an entry whose body turned out damaged, unless it was replaced meanwhile.
+    fn drop_damaged(&self, key: &VariantKey, body: &[u8; 32], url: &str, why: &str) {
+        tracing::warn!(url, key = %key.to_hex(), why, "dropping cache entry with a damaged body");
+        self.shared().damaged.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.shared().remove_entry(key, Some(body)) {
+            tracing::error!(url, error = %e, "cannot remove damaged cache entry");
+        }
+    }
+
+    /// Begins storing a response whose body arrives in chunks. `entry.body` is ignored.
+    /// Captures the purge generation: if any purge happens before commit, the commit fails with
+    /// [`StoreError::Superseded`]. Dropping the writer without commit aborts it, leaving nothing.
+    pub fn begin_write(&self, key: VariantKey, entry: Entry) -> BodyWriter {
+        BodyWriter {
+            generation: self.shared().generation.load(Ordering::SeqCst),
+            store: self.clone(),
+            key,
+            entry,
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            buf: Vec::new(),
+            spill: None,
+            poisoned: false,
+        }
+    }
+
+    /// After a 304: replaces the headers and freshness of an existing entry (body untouched).
+    /// `Ok(false)` if the entry is gone.
+    pub fn update_meta(
+        &self,
+        key: &VariantKey,
+        headers: HeaderList,
+        freshness: Freshness,
+    ) -> Result<bool, StoreError> {
+        self.shared().index.update(key, &|e: &mut Entry| {
+            e.headers = headers.clone();
+            e.freshness = freshness;
+        })
+    }
+
+    /// Removes one entry; `true` if it was there.
+    pub fn remove(&self, key: &VariantKey) -> Result<bool, StoreError> {
+        self.shared().remove_entry(key, None)
+    }
+
+    /// Purges every variant of a URL. `soft` keeps them but stale from `now` on
+    /// ([`Freshness::expired_at`]). Returns the number of entries affected.
+    pub fn purge_url(
+        &self,
+        primary: &PrimaryKey,
+        soft: bool,
+        now: SystemTime,
+    ) -> Result<usize, StoreError> {
+        let s = self.shared();
+        s.bump_generation();
+        s.purge(s.index.scan_primary(primary.hash()), soft, now)
+    }
+
+    /// Purges every entry whose readable URL starts with `url_prefix` (a range scan of the URL index).
+    pub fn purge_prefix(
+        &self,
+        url_prefix: &str,
+        soft: bool,
+        now: SystemTime,
+    ) -> Result<usize, StoreError> {
+        let s = self.shared();
+        s.bump_generation();
+        s.purge(s.index.scan_url_prefix(url_prefix), soft, now)
+    }
+
+    /// Purges every entry tagged `tag` (Surrogate-Key).
+    pub fn purge_tag(&self, tag: &str, soft: bool, now: SystemTime) -> Result<usize, StoreError> {
+        let s = self.shared();
+        s.bump_generation();
+        s.purge(s.index.scan_tag(tag), soft, now)
+    }
+
+    /// Purges every entry.
+    pub fn purge_all(&self, soft: bool, now: SystemTime) -> Result<usize, StoreError> {
+        let s = self.shared();
+        s.bump_generation();
+        s.purge(s.index.scan_all(), soft, now)
+    }
+
+    /// Streams entries for dump, optionally filtered by URL prefix and tag, in constant memory.
+    pub fn entries<'s>(
+        &'s self,
+        url_prefix: Option<&str>,
+        tag: Option<&str>,
+    ) -> impl Iterator<Item = Result<(VariantKey, Entry), StoreError>> + use<'s> {
+        let index = &self.shared().index;
+        let prefix = url_prefix.map(str::to_owned);
+        let iter: Box<dyn Iterator<Item = Result<(VariantKey, Entry), StoreError>> + 's> =
+            match (tag, prefix) {
+                (Some(tag), prefix) => {
+                    Box::new(
+                        index
+                            .scan_tag(tag)
+                            .filter(move |item| match (item, &prefix) {
+                                (Ok((_, e)), Some(p)) => e.url.starts_with(p.as_str()),
+                                _ => true,
+                            }),
+                    )
+                }
+                (None, Some(prefix)) => Box::new(index.scan_url_prefix(&prefix)),
+                (None, None) => Box::new(index.scan_all()),
+            };
+        iter
+    }
+
+    /// Keys whose `stale_until()` is at or before `now`, oldest first, at most `limit`.
+    pub fn expired(&self, now: SystemTime, limit: usize) -> Result<Vec<VariantKey>, StoreError> {
+        self.shared()
+            .index
+            .scan_expired(format::time_to_ms(now), limit)
+    }
+
+    /// The store's counters (read from the database, not scanned). Zeroes if it cannot be read.
+    pub fn stats(&self) -> StoreStats {
+        let s = self.shared();
+        let mut stats = s.index.stats().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read store counters");
+            StoreStats::default()
+        });
+        stats.damaged_bodies = s.damaged.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// Makes every change so far durable (sled `flush_async`), then unlinks body files released
+    /// before it.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let s = self.shared();
+        let mut released = Released {
+            shared: s,
+            hashes: std::mem::take(&mut *lock(&s.released)),
+        };
+        s.index.flush_async().await?;
+        s.unlink_released(std::mem::take(&mut released.hashes));
+        Ok(())
+    }
+
+    /// Deletes body files that no entry references (left by a crash between writing a body and
+    /// its record, or by a record that no longer decodes). Walks the body directory: run it from
+    /// maintenance, not on the request path. Returns the number of files deleted.
+    pub fn sweep_orphan_bodies(&self) -> Result<u64, StoreError> {
+        let s = self.shared();
+        let mut deleted = 0;
+        for (hash, path) in s.bodies.list()? {
+            let _files = lock(&s.released);
+            // A file not at its own content address is never read: delete it whatever its name.
+            let orphan = match hash {
+                Some(hash) if s.bodies.path_of(&hash) == path => s.index.refcount(&hash)? == 0,
+                _ => true,
+            };
+            if orphan {
+                s.bodies.remove_path(&path)?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+impl Shared {
+    fn bump_generation(&self) {
+        let _exclusive = self.purge_lock.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn purge(
+        &self,
+        matching: impl Iterator<Item = Result<(VariantKey, Entry), StoreError>>,
+        soft: bool,
+        now: SystemTime,
+    ) -> Result<usize, StoreError> {
+        let mut affected = 0;
+        for item in matching {
+            let (key, _) = item?;
+            let hit = if soft {
+                self.index.update(&key, &|e: &mut Entry| {
+                    e.freshness = e.freshness.expired_at(now);
+                })?
+            } else {
+                self.remove_entry(&key, None)?
+            };
+            affected += usize::from(hit);
+        }
+        Ok(affected)
+    }
+
+    fn remove_entry(
+        &self,
+        key: &VariantKey,
+        only_if_body: Option<&[u8; 32]>,
+    ) -> Result<bool, StoreError> {
+        match self.index.remove(key, only_if_body)? {
+            Some(freed) => {
+                lock(&self.released).extend(freed);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The locked part of a commit: generation check, body file install, one transaction.
+    fn install_and_index(
+        &self,
+        key: &VariantKey,
+        entry: &Entry,
+        record: &[u8],
+        temp: Option<tempfile::TempPath>,
+        generation: u64,
+    ) -> Result<(), StoreError> {
+        let _shared = self.purge_lock.read().unwrap_or_else(|e| e.into_inner());
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return Err(StoreError::Superseded);
+        }
+        let mut released = lock(&self.released);
+        let installed = temp.is_some();
+        if let Some(temp) = temp {
+            self.bodies.install(temp, &entry.body.blake3)?;
+        }
+        match self.index.commit(key, record, entry) {
+            Ok(freed) => {
+                released.extend(freed);
+                Ok(())
+            }
+            Err(e) => {
+                // The file is in place but nothing new references it: unlink it with the others.
+                if installed {
+                    released.push(entry.body.blake3);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Unlinks released body files that are still unreferenced. Call only once the transactions
+    /// that released them are durable.
+    fn unlink_released(&self, released: Vec<[u8; 32]>) {
+        if released.is_empty() {
+            return;
+        }
+        let _files = lock(&self.released);
+        for hash in released {
+            match self.index.refcount(&hash) {
+                Ok(0) => {
+                    if let Err(e) = self.bodies.unlink(&hash) {
+                        tracing::warn!(error = %e, "cannot delete released body file");
+                    }
+                }
+                // Referenced again by a newer write: keep it.
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot check body reference; keeping file"),
+            }
+        }
+    }
+
+    /// Flushes sled, then unlinks the files released before the flush.
+    fn flush_and_unlink(&self) -> Result<(), StoreError> {
+        let mut released = Released {
+            shared: self,
+            hashes: std::mem::take(&mut *lock(&self.released)),
+        };
+        // On error the guard hands the hashes back: not durable yet, try again next time.
+        self.index.flush()?;
+        self.unlink_released(std::mem::take(&mut released.hashes));
+        Ok(())
+    }
+}
+
+/// Released body files taken out for unlinking after a flush; handed back if the flush fails or
+/// its future is dropped, so that no file is forgotten.
+struct Released<'a> {
+    shared: &'a Shared,
+    hashes: Vec<[u8; 32]>,
+}
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        if !self.hashes.is_empty() {
+            lock(&self.shared.released).append(&mut self.hashes);
+        }
+    }
+}
+
+impl Flusher {
+    fn start(shared: Arc<Shared>, every: Duration) -> Flusher {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let signal = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("larder-store-flush".into())
+            .spawn(move || {
+                let (stopped, wake) = &*signal;
+                loop {
+                    {
+                        let guard = lock(stopped);
+                        let (guard, _) = wake
+                            .wait_timeout_while(guard, every, |stop| !*stop)
+                            .unwrap_or_else(|e| e.into_inner());
+                        if *guard {
+                            return;
+                        }
+                    }
+                    if let Err(e) = shared.flush_and_unlink() {
+                        tracing::error!(error = %e, "store background flush failed");
+                    }
+                }
+            });
+        match thread {
+            Ok(t) => Flusher {
+                stop,
+                thread: Some(t),
+            },
+            Err(e) => {
+                // Without the thread the store still works; it is flushed on flush() and close.
+                tracing::error!(error = %e, "cannot start the store flusher thread");
+                Flusher { stop, thread: None }
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(f) = &mut self.flusher {
+            *lock(&f.stop.0) = true;
+            f.stop.1.notify_all();
+            if let Some(t) = f.thread.take() {
+                let _ = t.join();
+            }
+        }
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        if let Err(e) = shared.flush_and_unlink() {
+            tracing::error!(error = %e, "store flush on close failed");
+        }
+        // With the flusher joined this is the last reference: close the database, then open
+        // and close it once more. sled 0.34 writes its recovery snapshot only while opening, and
+        // otherwise replays every log byte written since the last open at the next start (~2 s
+        // per million entries written); paying that at shutdown keeps the next start fast.
+        if let Ok(shared) = Arc::try_unwrap(shared) {
+            let (db_dir, cache_capacity) = (shared.dir.join("db"), shared.cache_capacity);
+            drop(shared);
+            if let Err(e) = index::checkpoint(&db_dir, cache_capacity) {
+                tracing::warn!(error = %e, "store checkpoint on close failed; the next open will be slower");
+            }
+        }
+    }
+}
+
+/// A response body being stored: buffered in memory up to `inline_max`, then spilled to a temp
+/// file in the bodies directory. Dropping it without [`BodyWriter::commit`] aborts: the temp file is
+/// removed and nothing is stored.
+pub struct BodyWriter {
+    store: Store,
+    key: VariantKey,
+    entry: Entry,
+    generation: u64,
+    hasher: blake3::Hasher,
+    len: u64,
+    buf: Vec<u8>,
+    spill: Option<SpillFile>,
+    poisoned: bool,
+}
+
+impl BodyWriter {
+    /// Appends a chunk of the body.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(poisoned());
+        }
+        self.hasher.update(chunk);
+        self.len += chunk.len() as u64;
+        let result = self.append(chunk).await;
+        self.poisoned = result.is_err();
+        result
+    }
+
+    async fn append(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        if let Some(spill) = &mut self.spill {
+            return spill.write(chunk).await;
+        }
+        if self.buf.len() + chunk.len() <= self.store.shared().inline_max {
+            self.buf.extend_from_slice(chunk);
+            return Ok(());
+        }
+        let mut spill = self.store.shared().bodies.spill()?;
+        spill.write(&std::mem::take(&mut self.buf)).await?;
+        spill.write(chunk).await?;
+        self.spill = Some(spill);
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True if nothing has been written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Stores the entry if the body is complete: with `expected_len = Some(n)` exactly `n` bytes
+    /// must have been written, else [`StoreError::Truncated`]. A body file is fsynced and renamed to
+    /// its content address (one copy per content); its reference count, the record, the tag, URL
+    /// and expiry indexes and the counters change in one transaction. Replacing an entry releases
+    /// the old body. Returns the entry as `get` will return it.
+    pub async fn commit(self, expected_len: Option<u64>) -> Result<Entry, StoreError> {
+        if self.poisoned {
+            return Err(poisoned());
+        }
+        if let Some(expected) = expected_len
+            && expected != self.len
+        {
+            return Err(StoreError::Truncated {
+                expected,
+                got: self.len,
+            });
+        }
+        let BodyWriter {
+            store,
+            key,
+            mut entry,
+            generation,
+            hasher,
+            len,
+            buf,
+            spill,
+            ..
+        } = self;
+        entry.body = BodyInfo {
+            len,
+            blake3: *hasher.finalize().as_bytes(),
+            inline: spill.is_none().then(|| Bytes::from(buf)),
+        };
+        let entry = format::normalize(entry);
+        let record = format::encode_entry(&entry)?;
+        let temp = match spill {
+            Some(spill) => Some(spill.finish().await?),
+            None => None,
+        };
+        store
+            .shared()
+            .install_and_index(&key, &entry, &record, temp, generation)?;
+        Ok(entry)
+    }
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Io {
+        path: PathBuf::new(),
+        source: std::io::Error::other("an earlier write to this body failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests;
