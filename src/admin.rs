@@ -1,0 +1,278 @@
+//! The admin listener: bearer-token auth, purge (url, prefix, tag, all; soft), entries as JSON lines, stats, health.
+
+use std::time::SystemTime;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::clock::Clock;
+use crate::dump::DumpLine;
+use crate::key::PrimaryKey;
+use crate::store::{Store, StoreError};
+
+/// What the admin handlers share.
+pub struct AdminState {
+    store: Store,
+    token: Option<String>,
+    clock: std::sync::Arc<dyn Clock>,
+}
+
+impl AdminState {
+    /// Admin state over `store`; `token` None means the API is open (allowed on loopback only).
+    pub fn new(store: Store, token: Option<String>, clock: std::sync::Arc<dyn Clock>) -> Self {
+        Self {
+            store,
+            token,
+            clock,
+        }
+    }
+}
+
+/// Registers the admin routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/purge", web::post().to(purge))
+        .route("/entries", web::get().to(entries))
+        .route("/stats", web::get().to(stats))
+        .default_service(web::to(|| async {
+            json_error(
+                404,
+                "no such admin endpoint; see README for /purge, /entries, /stats, /healthz",
+            )
+        }));
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body("{\"status\":\"ok\"}\n")
+}
+
+/// Body of `POST /purge`: exactly one selector, plus optional `soft`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    url: Option<String>,
+    prefix: Option<String>,
+    tag: Option<String>,
+    all: Option<bool>,
+    #[serde(default)]
+    soft: bool,
+}
+
+enum Selector {
+    Url(PrimaryKey),
+    Prefix(String),
+    Tag(String),
+    All,
+}
+
+impl PurgeRequest {
+    fn selector(self) -> Result<(Selector, bool), String> {
+        let given = [
+            self.url.is_some(),
+            self.prefix.is_some(),
+            self.tag.is_some(),
+            self.all.is_some(),
+        ]
+        .iter()
+        .filter(|g| **g)
+        .count();
+        if given != 1 {
+            return Err("give exactly one of \"url\", \"prefix\", \"tag\" or \"all\"".to_string());
+        }
+        let selector = if let Some(url) = self.url {
+            Selector::Url(PrimaryKey::from_url(&url).ok_or_else(|| {
+                format!("\"url\" must be an absolute http URL like http://host/path?q, got {url:?}")
+            })?)
+        } else if let Some(prefix) = self.prefix {
+            if !prefix.starts_with("http://") && !prefix.starts_with("https://") {
+                return Err(format!(
+                    "\"prefix\" must start with http:// and the host, got {prefix:?}"
+                ));
+            }
+            Selector::Prefix(prefix)
+        } else if let Some(tag) = self.tag {
+            if tag.trim().is_empty() {
+                return Err("\"tag\" must not be empty".to_string());
+            }
+            Selector::Tag(tag)
+        } else if self.all == Some(true) {
+            Selector::All
+        } else {
+            return Err("\"all\" must be true".to_string());
+        };
+        Ok((selector, self.soft))
+    }
+}
+
+async fn purge(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> HttpResponse {
+    if let Some(denied) = check_token(&req, &state) {
+        return denied;
+    }
+    let request: PurgeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return json_error(400, &format!("invalid purge request: {e}")),
+    };
+    let (selector, soft) = match request.selector() {
+        Ok(s) => s,
+        Err(message) => return json_error(400, &message),
+    };
+    let now = state.clock.now();
+    let result = match &selector {
+        Selector::Url(primary) => state.store.purge_url(primary, soft, now),
+        Selector::Prefix(prefix) => state.store.purge_prefix(prefix, soft, now),
+        Selector::Tag(tag) => state.store.purge_tag(tag, soft, now),
+        Selector::All => state.store.purge_all(soft, now),
+    };
+    let purged = match result {
+        Ok(n) => n,
+        Err(e) => return store_error(e),
+    };
+    // Durable before we answer: a crash right after must not bring purged content back.
+    if let Err(e) = state.store.flush().await {
+        return store_error(e);
+    }
+    tracing::info!(purged, soft, "purge");
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(format!("{{\"purged\":{purged}}}\n"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntriesQuery {
+    prefix: Option<String>,
+    tag: Option<String>,
+    limit: Option<u64>,
+}
+
+/// Streams entries as JSON lines. A blocking thread walks the index and hands lines over a
+/// small channel, so memory stays constant however many entries there are.
+async fn entries(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Some(denied) = check_token(&req, &state) {
+        return denied;
+    }
+    let query = match web::Query::<EntriesQuery>::from_query(req.query_string()) {
+        Ok(q) => q.into_inner(),
+        Err(e) => return json_error(400, &format!("invalid query: {e}")),
+    };
+    let store = state.store.clone();
+    let now = state.clock.now();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    std::thread::spawn(move || stream_entries(store, query, now, tx));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    HttpResponse::Ok()
+        .content_type("application/x-ndjson")
+        .streaming(body)
+}
+
+fn stream_entries(
+    store: Store,
+    query: EntriesQuery,
+    now: SystemTime,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+) {
+    let mut sent = 0u64;
+    let mut batch = Vec::with_capacity(16 << 10);
+    for item in store.entries(query.prefix.as_deref(), query.tag.as_deref()) {
+        if query.limit.is_some_and(|l| sent >= l) {
+            break;
+        }
+        match item {
+            Ok((key, entry)) => {
+                if serde_json::to_writer(&mut batch, &DumpLine::new(&key, &entry, now)).is_err() {
+                    continue;
+                }
+                batch.push(b'\n');
+                sent += 1;
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                return;
+            }
+        }
+        if batch.len() >= 16 << 10 {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(16 << 10));
+            if tx.blocking_send(Ok(Bytes::from(full))).is_err() {
+                return;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(Ok(Bytes::from(batch)));
+    }
+}
+
+async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Some(denied) = check_token(&req, &state) {
+        return denied;
+    }
+    let s = state.store.stats();
+    let body = serde_json::json!({
+        "entries": s.entries,
+        "body_bytes": s.body_bytes,
+    });
+    HttpResponse::Ok().json(body)
+}
+
+/// `None` when the request may proceed; otherwise the 401 to send.
+fn check_token(req: &HttpRequest, state: &AdminState) -> Option<HttpResponse> {
+    let expected = state.token.as_deref()?;
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => None,
+        Some(_) => Some(json_error(401, "wrong admin token")),
+        None => Some(
+            HttpResponse::Unauthorized()
+                .insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"larder-admin\""))
+                .content_type("application/json")
+                .body("{\"error\":\"missing admin token: send Authorization: Bearer <token>\"}\n"),
+        ),
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+fn json_error(status: u16, message: &str) -> HttpResponse {
+    let code = actix_web::http::StatusCode::from_u16(status)
+        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+    HttpResponse::build(code).json(serde_json::json!({ "error": message }))
+}
+
+fn store_error(e: StoreError) -> HttpResponse {
+    tracing::error!(error = %e, "admin store operation failed");
+    json_error(500, &format!("store error: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

@@ -1,0 +1,223 @@
+//! `larder dump`: one JSON object (or table row) per stored response, streamed in constant memory.
+
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::cli::DumpFormat;
+use crate::key::VariantKey;
+use crate::store::{Entry, Store, StoreError};
+
+/// The shape of one dump line; `GET /entries` on the admin API prints the same.
+#[derive(Debug, Serialize)]
+pub struct DumpLine<'a> {
+    pub url: &'a str,
+    pub method: &'static str,
+    pub status: u16,
+    pub vary: serde_json::Map<String, serde_json::Value>,
+    pub etag: Option<&'a str>,
+    pub last_modified: Option<&'a str>,
+    pub stored_at: u64,
+    pub fresh_until: u64,
+    pub stale_while_revalidate: u64,
+    pub stale_if_error: u64,
+    pub state: &'static str,
+    pub size: u64,
+    pub tags: &'a [String],
+    pub body_blake3: String,
+    pub body_location: &'static str,
+    pub key: String,
+}
+
+impl<'a> DumpLine<'a> {
+    /// Describes `entry` as of `now`. Times are Unix seconds.
+    pub fn new(key: &VariantKey, entry: &'a Entry, now: SystemTime) -> Self {
+        let f = &entry.freshness;
+        let state = if f.is_fresh(now) {
+            "fresh"
+        } else if now < f.stale_until() {
+            "stale"
+        } else {
+            "expired"
+        };
+        DumpLine {
+            url: &entry.url,
+            method: "GET",
+            status: entry.status,
+            vary: entry
+                .vary
+                .iter()
+                .map(|(n, v)| {
+                    let value = v
+                        .clone()
+                        .map_or(serde_json::Value::Null, serde_json::Value::String);
+                    (n.clone(), value)
+                })
+                .collect(),
+            etag: entry.headers.get_str("etag"),
+            last_modified: entry.headers.get_str("last-modified"),
+            stored_at: unix_secs(entry.stored_at),
+            fresh_until: unix_secs(f.fresh_until()),
+            stale_while_revalidate: f.stale_while_revalidate.as_secs(),
+            stale_if_error: f.stale_if_error.as_secs(),
+            state,
+            size: entry.body.len,
+            tags: &entry.tags,
+            body_blake3: hex(&entry.body.blake3),
+            body_location: if entry.body.inline.is_some() {
+                "inline"
+            } else {
+                "file"
+            },
+            key: hex(key.as_bytes()),
+        }
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes every matching entry of `store` to `out`.
+pub fn dump_store(
+    store: &Store,
+    out: &mut impl Write,
+    format: DumpFormat,
+    prefix: Option<&str>,
+    tag: Option<&str>,
+    limit: Option<u64>,
+    now: SystemTime,
+) -> Result<u64, DumpError> {
+    let mut written = 0u64;
+    if format == DumpFormat::Table {
+        writeln!(
+            out,
+            "{:<6} {:<8} {:>10} {:<7} URL",
+            "STATUS", "STATE", "SIZE", "WHERE"
+        )?;
+    }
+    for item in store.entries(prefix, tag) {
+        if limit.is_some_and(|l| written >= l) {
+            break;
+        }
+        let (key, entry) = item?;
+        let line = DumpLine::new(&key, &entry, now);
+        match format {
+            DumpFormat::Jsonl => {
+                serde_json::to_writer(&mut *out, &line).map_err(std::io::Error::from)?;
+                out.write_all(b"\n")?;
+            }
+            DumpFormat::Table => {
+                let json = serde_json::to_vec(&line).map_err(std::io::Error::from)?;
+                write_json_line(out, format, &json)?;
+            }
+        }
+        written += 1;
+    }
+    out.flush()?;
+    Ok(written)
+}
+
+/// Why a dump failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot write output: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Admin(String),
+}
+
+/// Streams `GET /entries` from a running server's admin API to `out` (the store is locked by
+/// that server, and sled has no read-only mode). Table output is rendered from the JSON lines.
+pub async fn dump_via_admin(
+    admin: std::net::SocketAddr,
+    token: Option<&str>,
+    out: &mut impl Write,
+    format: DumpFormat,
+    prefix: Option<&str>,
+    tag: Option<&str>,
+    limit: Option<u64>,
+) -> Result<u64, DumpError> {
+    use futures_util::StreamExt;
+
+    #[derive(Serialize)]
+    struct Query<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        prefix: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tag: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limit: Option<u64>,
+    }
+    let client = awc::Client::builder().disable_timeout().finish();
+    let mut request = client
+        .get(format!("http://{admin}/entries"))
+        .query(&Query { prefix, tag, limit })
+        .map_err(|e| DumpError::Admin(e.to_string()))?;
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let mut response = request
+        .send()
+        .await
+        .map_err(|e| DumpError::Admin(format!("cannot reach the admin API at {admin}: {e}")))?;
+    if !response.status().is_success() {
+        let body = response.body().await.unwrap_or_default();
+        return Err(DumpError::Admin(format!(
+            "admin API at {admin} answered {}: {}",
+            response.status(),
+            String::from_utf8_lossy(&body).trim()
+        )));
+    }
+    if format == DumpFormat::Table {
+        writeln!(
+            out,
+            "{:<6} {:<8} {:>10} {:<7} URL",
+            "STATUS", "STATE", "SIZE", "WHERE"
+        )?;
+    }
+    let mut written = 0u64;
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(chunk) = response.next().await {
+        let chunk = chunk.map_err(|e| DumpError::Admin(format!("entries stream broke: {e}")))?;
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            write_json_line(out, format, &line)?;
+            written += 1;
+        }
+    }
+    if !pending.iter().all(u8::is_ascii_whitespace) {
+        write_json_line(out, format, &pending)?;
+        written += 1;
+    }
+    out.flush()?;
+    Ok(written)
+}
+
+fn write_json_line(out: &mut impl Write, format: DumpFormat, line: &[u8]) -> Result<(), DumpError> {
+    match format {
+        DumpFormat::Jsonl => out.write_all(line)?,
+        DumpFormat::Table => {
+            let v: serde_json::Value = serde_json::from_slice(line)
+                .map_err(|e| DumpError::Admin(format!("bad entry line from admin API: {e}")))?;
+            writeln!(
+                out,
+                "{:<6} {:<8} {:>10} {:<7} {}",
+                v["status"],
+                v["state"].as_str().unwrap_or("?"),
+                v["size"],
+                v["body_location"].as_str().unwrap_or("?"),
+                v["url"].as_str().unwrap_or("?")
+            )?;
+        }
+    }
+    Ok(())
+}

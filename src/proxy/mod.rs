@@ -1,0 +1,215 @@
+//! The request path: key → store lookup → policy decision → hit, or a fetch from the origin that is stored on the way back.
+//!
+//! This is the only module that joins HTTP I/O (actix) with `policy` and `store`. The hit
+//! path is `handle` → `lookup_cached` → `respond::from_store`; everything that talks to the
+//! origin lives in `fetch`.
+
+mod fetch;
+mod respond;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+
+use crate::clock::Clock;
+use crate::key::{PrimaryKey, VariantKey};
+use crate::policy::{self, HeaderList, Lookup, PolicyOptions};
+use crate::store::{Entry, Store};
+use crate::upstream::Upstream;
+
+pub use respond::CacheStatus;
+
+/// What every worker shares: the store, the rules, the clock, and the set of keys being refreshed.
+pub struct ProxyState {
+    pub store: Store,
+    pub policy: PolicyOptions,
+    pub clock: Arc<dyn Clock>,
+    /// Bodies above this are passed through unstored.
+    pub max_object_size: u64,
+    /// Keys with a background refresh in flight, so stale-while-revalidate starts one per key.
+    refreshing: Mutex<HashSet<VariantKey>>,
+}
+
+impl ProxyState {
+    /// State for a server over `store`.
+    pub fn new(
+        store: Store,
+        policy: PolicyOptions,
+        clock: Arc<dyn Clock>,
+        max_object_size: u64,
+    ) -> Self {
+        Self {
+            store,
+            policy,
+            clock,
+            max_object_size,
+            refreshing: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+/// One client request, reduced to what the cache logic needs.
+pub(crate) struct RequestCtx {
+    pub method: String,
+    pub is_head: bool,
+    pub host: String,
+    pub path_and_query: String,
+    pub headers: HeaderList,
+    pub peer: Option<IpAddr>,
+    pub now: SystemTime,
+}
+
+impl RequestCtx {
+    /// The absolute URL as the client asked for it; the cache key and purge URLs use this form.
+    fn url(&self) -> String {
+        format!("http://{}{}", self.host, self.path_and_query)
+    }
+}
+
+/// The proxy's only route: every method and path arrives here.
+pub async fn handle(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<ProxyState>,
+    upstream: web::Data<Upstream>,
+) -> HttpResponse {
+    let Some(host) = request_host(&req) else {
+        return respond::plain_error(400, "missing Host header");
+    };
+    let ctx = RequestCtx {
+        method: req.method().as_str().to_string(),
+        is_head: req.method() == actix_web::http::Method::HEAD,
+        host,
+        path_and_query: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect(),
+        peer: req.peer_addr().map(|a| a.ip()),
+        now: state.clock.now(),
+    };
+
+    // Only complete GET/HEAD responses are cached; a Range request is passed through whole
+    // so that a 206 is never mistaken for the full representation.
+    let cacheable_request = (ctx.method == "GET" || ctx.is_head) && !ctx.headers.contains("range");
+    if !cacheable_request {
+        let fwd = if ctx.method == "GET" || ctx.is_head {
+            "request"
+        } else {
+            "method"
+        };
+        return fetch::pass(&ctx, &state, &upstream, Some(payload), fwd).await;
+    }
+    lookup_cached(ctx, state, upstream).await
+}
+
+async fn lookup_cached(
+    ctx: RequestCtx,
+    state: web::Data<ProxyState>,
+    upstream: web::Data<Upstream>,
+) -> HttpResponse {
+    let primary = PrimaryKey::new("http", &ctx.host, &ctx.path_and_query);
+    let variants = match state.store.variants(&primary) {
+        Ok(v) => v,
+        Err(e) => {
+            // A store fault must not take the request down with it: go to the origin.
+            tracing::warn!(url = %primary.url(), error = %e, "store lookup failed");
+            Vec::new()
+        }
+    };
+    let url_known = !variants.is_empty();
+    let Some((key, entry)) = select_variant(variants, &ctx.headers, &state.policy) else {
+        if policy::CacheControl::from_request(&ctx.headers).only_if_cached {
+            return respond::only_if_cached_miss();
+        }
+        if ctx.is_head {
+            // A HEAD miss would store no body; ask the origin and store nothing.
+            return fetch::pass(&ctx, &state, &upstream, None, "miss").await;
+        }
+        let fwd = if url_known { "vary-miss" } else { "miss" };
+        return fetch::fetch_and_store(&ctx, &state, &upstream, primary, None, fwd).await;
+    };
+
+    match policy::lookup(&ctx.headers, &entry.freshness, ctx.now) {
+        Lookup::Fresh => {
+            if let Some(resp) = respond::from_store(
+                &ctx,
+                &state,
+                &key,
+                &entry,
+                CacheStatus::hit(&entry, ctx.now),
+            )
+            .await
+            {
+                return resp;
+            }
+        }
+        Lookup::Stale {
+            revalidate_in_background,
+        } => {
+            let detail = if revalidate_in_background {
+                fetch::refresh_in_background(&ctx, &state, &upstream, &primary, &key, &entry);
+                "stale-while-revalidate"
+            } else {
+                "stale"
+            };
+            let status = CacheStatus::hit(&entry, ctx.now).with_detail(detail);
+            if let Some(resp) = respond::from_store(&ctx, &state, &key, &entry, status).await {
+                return resp;
+            }
+        }
+        Lookup::MustRevalidate => {
+            if policy::CacheControl::from_request(&ctx.headers).only_if_cached {
+                return respond::only_if_cached_miss();
+            }
+            return fetch::fetch_and_store(
+                &ctx,
+                &state,
+                &upstream,
+                primary,
+                Some((key, entry)),
+                "stale",
+            )
+            .await;
+        }
+    }
+    // The stored body was damaged or missing; the store has dropped the entry. Fetch anew.
+    fetch::fetch_and_store(&ctx, &state, &upstream, primary, None, "miss").await
+}
+
+/// The stored variant this request selects (RFC 9111 §4.1): the newest one whose Vary'd
+/// request values equal this request's.
+fn select_variant(
+    variants: Vec<(VariantKey, Entry)>,
+    req: &HeaderList,
+    opts: &PolicyOptions,
+) -> Option<(VariantKey, Entry)> {
+    variants
+        .into_iter()
+        .filter(|(_, entry)| {
+            let fields: Vec<String> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
+            policy::vary_values(&fields, req, opts) == entry.vary
+        })
+        .max_by_key(|(_, entry)| entry.freshness.response_time)
+}
+
+/// Host as the client sent it: the Host field, or the authority of an absolute-form target.
+fn request_host(req: &HttpRequest) -> Option<String> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.as_str().to_string());
+    }
+    match req.headers().get(header::HOST) {
+        Some(h) => h.to_str().ok().map(str::to_string),
+        // HTTP/1.0 may omit Host (RFC 9112 §3.2 requires it of 1.1 only).
+        None if req.version() == actix_web::http::Version::HTTP_10 => Some(String::new()),
+        None => None,
+    }
+}

@@ -1,0 +1,195 @@
+//! Builds client responses: from a stored entry (hit, 304), from an origin response, or an error, each with its Cache-Status.
+
+use std::time::SystemTime;
+
+use actix_web::HttpResponse;
+use actix_web::HttpResponseBuilder;
+use actix_web::body::None as NoBody;
+use actix_web::http::StatusCode;
+use actix_web::http::header::{HeaderName, HeaderValue};
+use bytes::Bytes;
+use futures_util::stream;
+
+use super::{ProxyState, RequestCtx};
+use crate::key::VariantKey;
+use crate::policy::{self, ClientConditional, HeaderList};
+use crate::store::Entry;
+
+/// Our `Via` member (RFC 9110 §7.6.3).
+pub(crate) const VIA: &str = "1.1 larder";
+
+/// The `Cache-Status` member this cache adds (RFC 9211), e.g. `larder; hit; ttl=30`.
+#[derive(Debug, Clone)]
+pub struct CacheStatus(String);
+
+impl CacheStatus {
+    /// Served from the store without contacting the origin; `ttl` is the remaining freshness (negative when stale).
+    pub fn hit(entry: &Entry, now: SystemTime) -> Self {
+        let ttl = match entry.freshness.fresh_until().duration_since(now) {
+            Ok(left) => left.as_secs() as i64,
+            Err(past) => -(past.duration().as_secs() as i64),
+        };
+        CacheStatus(format!("larder; hit; ttl={ttl}"))
+    }
+
+    /// Forwarded to the origin for reason `fwd` (RFC 9211 §2.2: miss, vary-miss, stale, method, request…).
+    pub fn fwd(fwd: &str) -> Self {
+        CacheStatus(format!("larder; fwd={fwd}"))
+    }
+
+    /// Adds the status the origin answered with (RFC 9211 §2.3).
+    pub fn with_fwd_status(mut self, status: u16) -> Self {
+        self.0.push_str(&format!("; fwd-status={status}"));
+        self
+    }
+
+    /// Marks that the response was stored (RFC 9211 §2.6).
+    pub fn stored(mut self) -> Self {
+        self.0.push_str("; stored");
+        self
+    }
+
+    /// Adds a `detail` token (RFC 9211 §2.8), e.g. why a response was not stored.
+    pub fn with_detail(mut self, detail: &str) -> Self {
+        self.0.push_str("; detail=");
+        self.0.push_str(detail);
+        self
+    }
+
+    /// The header value text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The stored response for this request: a 304 if the client's conditional matches,
+/// else the full response with `Age`. `None` if the body could not be opened (the store
+/// has then dropped the entry and the caller fetches anew).
+pub(crate) async fn from_store(
+    ctx: &RequestCtx,
+    state: &ProxyState,
+    key: &VariantKey,
+    entry: &Entry,
+    status: CacheStatus,
+) -> Option<HttpResponse> {
+    let age = policy::age_seconds(&entry.freshness, ctx.now);
+    // RFC 9110 §13.2.2: a cache answers the client's own conditionals from the stored response.
+    if policy::evaluate_conditional(&ctx.method, &ctx.headers, entry.status, &entry.headers)
+        == ClientConditional::NotModified
+    {
+        let mut builder = HttpResponse::NotModified();
+        copy_headers(&mut builder, &policy::not_modified_headers(&entry.headers));
+        finish_headers(&mut builder, &status, &entry.headers, Some(age));
+        return Some(builder.body(NoBody::new()));
+    }
+
+    let mut builder = HttpResponse::build(status_code(entry.status));
+    copy_headers(&mut builder, &entry.headers);
+    finish_headers(&mut builder, &status, &entry.headers, Some(age));
+    if ctx.is_head {
+        return Some(
+            builder
+                .no_chunking(entry.body.len)
+                .streaming(stream::empty::<Result<Bytes, std::io::Error>>()),
+        );
+    }
+    match state.store.open_body(key, entry).await {
+        Ok(body) => Some(builder.no_chunking(entry.body.len).streaming(body)),
+        Err(e) => {
+            tracing::warn!(url = %entry.url, error = %e, "stored body unusable; refetching");
+            None
+        }
+    }
+}
+
+/// Starts a response carrying an origin response's status and end-to-end headers.
+pub(crate) fn from_origin_head(
+    status: u16,
+    headers: &HeaderList,
+    cache_status: &CacheStatus,
+) -> HttpResponseBuilder {
+    let mut builder = HttpResponse::build(status_code(status));
+    copy_headers(&mut builder, headers);
+    finish_headers(&mut builder, cache_status, headers, None);
+    builder
+}
+
+/// A short plain-text error the proxy makes up itself for a bad request: no Cache-Status,
+/// since no cache handled it (RFC 9211 §2).
+pub(crate) fn plain_error(status: u16, message: &str) -> HttpResponse {
+    HttpResponse::build(status_code(status))
+        .insert_header(("content-type", "text/plain; charset=utf-8"))
+        .body(format!("larder: {message}\n"))
+}
+
+/// A plain-text error for a request the cache handled (forwarded and failed, or only-if-cached).
+/// RFC 9211 §2 discourages a member on generated responses; we keep one on these because the
+/// request did pass through the cache, and `detail` is what an operator needs to see why it failed.
+pub(crate) fn plain_error_with(
+    status: u16,
+    message: &str,
+    cache_status: &CacheStatus,
+) -> HttpResponse {
+    HttpResponse::build(status_code(status))
+        .insert_header(("content-type", "text/plain; charset=utf-8"))
+        .insert_header(("cache-status", cache_status.as_str()))
+        .insert_header(("via", VIA))
+        .body(format!("larder: {message}\n"))
+}
+
+/// RFC 9111 §5.2.1.7: only-if-cached with nothing usable stored gets 504.
+pub(crate) fn only_if_cached_miss() -> HttpResponse {
+    plain_error_with(
+        504,
+        "only-if-cached and no stored response can be used",
+        &CacheStatus(String::from("larder; detail=only-if-cached")),
+    )
+}
+
+fn status_code(status: u16) -> StatusCode {
+    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY)
+}
+
+/// Copies end-to-end fields; framing is actix's job (it derives it from the body), and
+/// Age / Cache-Status / Via are rewritten by `finish_headers`.
+fn copy_headers(builder: &mut HttpResponseBuilder, headers: &HeaderList) {
+    for (name, value) in headers.iter() {
+        if matches!(
+            name,
+            "content-length" | "transfer-encoding" | "age" | "cache-status" | "via" | "connection"
+        ) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            builder.append_header((n, v));
+        }
+    }
+}
+
+/// Sets Age and appends our members to the upstream's Via and Cache-Status lists: RFC 9211 §2
+/// orders Cache-Status from the origin's side to the client's, so ours goes last.
+fn finish_headers(
+    builder: &mut HttpResponseBuilder,
+    cache_status: &CacheStatus,
+    upstream: &HeaderList,
+    age: Option<u64>,
+) {
+    if let Some(age) = age {
+        builder.insert_header(("age", age.to_string()));
+    }
+    builder.insert_header(("via", append_member(upstream.joined("via"), VIA)));
+    builder.insert_header((
+        "cache-status",
+        append_member(upstream.joined("cache-status"), cache_status.as_str()),
+    ));
+}
+
+fn append_member(list: Option<String>, member: &str) -> String {
+    match list {
+        Some(l) if !l.trim().is_empty() => format!("{l}, {member}"),
+        _ => member.to_string(),
+    }
+}

@@ -1,0 +1,156 @@
+//! Talks to the origin: one awc client per worker, no decompression, no redirects, timeouts from config.
+//!
+//! Everything awc-specific stays here; the proxy sees `HeaderList`s, status codes and a body it
+//! pulls chunk by chunk, so it never holds an awc type across its own logic.
+
+use std::time::Duration;
+
+use actix_web::body::MessageBody;
+use actix_web::http::{Method, header::HeaderName, header::HeaderValue};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::config::OriginConfig;
+use crate::policy::HeaderList;
+
+/// Why the origin could not give a usable response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made (refused, unreachable, DNS).
+    #[error("cannot connect to origin: {0}")]
+    Connect(String),
+    /// The origin did not send response headers in time.
+    #[error("origin did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The exchange broke before a complete response head arrived.
+    #[error("origin response failed: {0}")]
+    Protocol(String),
+    /// The body broke off or stalled after the head was received.
+    #[error("origin body failed: {0}")]
+    Body(String),
+}
+
+impl UpstreamError {
+    /// The status a client gets when no cached copy can stand in: 504 for timeouts, 502 otherwise.
+    pub fn status(&self) -> u16 {
+        match self {
+            UpstreamError::Timeout(_) => 504,
+            _ => 502,
+        }
+    }
+}
+
+/// A response head from the origin plus its body, pulled with `next_chunk`.
+pub struct UpstreamResponse {
+    pub status: u16,
+    pub headers: HeaderList,
+    pub body: UpstreamBody,
+}
+
+/// The origin's body. Each chunk must arrive within the body timeout.
+pub struct UpstreamBody {
+    inner: awc::ClientResponse,
+    idle_timeout: Duration,
+}
+
+impl UpstreamBody {
+    /// The next chunk, `None` at the clean end, an error if the body broke or stalled.
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, UpstreamError>> {
+        match tokio::time::timeout(self.idle_timeout, self.inner.next()).await {
+            Err(_) => Some(Err(UpstreamError::Body(format!(
+                "no data for {:?}",
+                self.idle_timeout
+            )))),
+            Ok(None) => None,
+            Ok(Some(Ok(chunk))) => Some(Ok(chunk)),
+            Ok(Some(Err(e))) => Some(Err(UpstreamError::Body(e.to_string()))),
+        }
+    }
+}
+
+/// The origin, as seen from one worker thread (awc's client is not `Send`).
+pub struct Upstream {
+    client: awc::Client,
+    base_url: String,
+    response_timeout: Duration,
+    body_timeout: Duration,
+}
+
+impl Upstream {
+    /// Builds the worker's client from the origin settings.
+    pub fn new(cfg: &OriginConfig) -> Self {
+        let connector = awc::Connector::new()
+            .timeout(cfg.connect_timeout)
+            // The per-host pool is the bound on concurrent origin connections per worker.
+            .limit(256);
+        let client = awc::Client::builder()
+            .connector(connector)
+            .timeout(cfg.response_timeout)
+            // A proxy passes redirects to its client and adds no User-Agent of its own.
+            .disable_redirects()
+            .no_default_headers()
+            .finish();
+        Self {
+            client,
+            base_url: cfg.base_url.clone(),
+            response_timeout: cfg.response_timeout,
+            body_timeout: cfg.body_timeout,
+        }
+    }
+
+    /// Sends `method path_and_query` with `headers` (already filtered for forwarding) and a
+    /// request body (`()` for none, a sized or chunked stream otherwise); returns once the
+    /// response head has arrived.
+    pub async fn send<B>(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        headers: &HeaderList,
+        body: B,
+    ) -> Result<UpstreamResponse, UpstreamError>
+    where
+        B: MessageBody + 'static,
+    {
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| UpstreamError::Protocol(format!("invalid method {method:?}")))?;
+        let url = format!("{}{}", self.base_url, path_and_query);
+        let mut request = self.client.request(method, url.as_str());
+        for (name, value) in headers.iter() {
+            // Values came from a parsed HTTP message, so conversion only fails on hostile bytes: drop those.
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value),
+            ) {
+                request = request.append_header((n, v));
+            }
+        }
+        let response = request
+            .send_body(body)
+            .await
+            .map_err(|e| classify(e, self.response_timeout))?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        Ok(UpstreamResponse {
+            status,
+            headers,
+            body: UpstreamBody {
+                inner: response,
+                idle_timeout: self.body_timeout,
+            },
+        })
+    }
+}
+
+fn classify(e: awc::error::SendRequestError, timeout: Duration) -> UpstreamError {
+    use awc::error::{ConnectError, SendRequestError as E};
+    match e {
+        E::Timeout => UpstreamError::Timeout(timeout),
+        E::Connect(ConnectError::Timeout) => UpstreamError::Timeout(timeout),
+        E::Connect(c) => UpstreamError::Connect(c.to_string()),
+        other => UpstreamError::Protocol(other.to_string()),
+    }
+}

@@ -1,0 +1,9 @@
+//! Larder's one integration-test binary (one binary links actix once): real origins, real servers on port 0, HTTP on the wire.
+
+mod support;
+
+mod admin;
+mod cli;
+mod persistence;
+mod proxy;
+mod store;
