@@ -7,27 +7,24 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use serde::Deserialize;
 
+use std::sync::Arc;
+
 use crate::clock::Clock;
 use crate::dump::DumpLine;
 use crate::key::PrimaryKey;
+use crate::metrics::Metrics;
+use crate::proxy::Flights;
 use crate::store::{Store, StoreError};
 
 /// What the admin handlers share.
 pub struct AdminState {
-    store: Store,
-    token: Option<String>,
-    clock: std::sync::Arc<dyn Clock>,
-}
-
-impl AdminState {
-    /// Admin state over `store`; `token` None means the API is open (allowed on loopback only).
-    pub fn new(store: Store, token: Option<String>, clock: std::sync::Arc<dyn Clock>) -> Self {
-        Self {
-            store,
-            token,
-            clock,
-        }
-    }
+    pub store: Store,
+    /// `None` means the API is open (allowed on loopback only).
+    pub token: Option<String>,
+    pub clock: Arc<dyn Clock>,
+    /// The proxy's fetches in flight: a purge detaches them so none is reused after it.
+    pub flights: Arc<Flights>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Registers the admin routes.
@@ -36,6 +33,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/purge", web::post().to(purge))
         .route("/entries", web::get().to(entries))
         .route("/stats", web::get().to(stats))
+        .route("/metrics", web::get().to(metrics))
         .default_service(web::to(|| async {
             json_error(
                 404,
@@ -121,6 +119,8 @@ async fn purge(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> H
         Err(message) => return json_error(400, &message),
     };
     let now = state.clock.now();
+    // Requests after this purge must not join a fetch that began before it.
+    state.flights.detach_all();
     let result = match &selector {
         Selector::Url(primary) => state.store.purge_url(primary, soft, now),
         Selector::Prefix(prefix) => state.store.purge_prefix(prefix, soft, now),
@@ -218,6 +218,15 @@ async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
         "body_bytes": s.body_bytes,
     });
     HttpResponse::Ok().json(body)
+}
+
+async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Some(denied) = check_token(&req, &state) {
+        return denied;
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
 }
 
 /// `None` when the request may proceed; otherwise the 401 to send.

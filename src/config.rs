@@ -94,6 +94,9 @@ pub struct RawCache {
     pub normalize_accept_encoding: Option<bool>,
     pub normalize_accept_language: Option<bool>,
     pub share_set_cookie: Option<bool>,
+    pub coalesce_timeout: Option<String>,
+    pub coalesce_max_body: Option<String>,
+    pub remember_uncacheable: Option<String>,
 }
 
 /// `[admin]`
@@ -126,6 +129,7 @@ pub struct Overrides {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub coalescing: CoalesceConfig,
     pub workers: usize,
     pub shutdown_timeout: Duration,
     pub origin: OriginConfig,
@@ -133,6 +137,17 @@ pub struct Config {
     pub policy: PolicyOptions,
     pub admin: AdminConfig,
     pub log: LogConfig,
+}
+
+/// Request coalescing (one origin fetch per URL at a time).
+#[derive(Debug, Clone)]
+pub struct CoalesceConfig {
+    /// Longest a request waits for another request's fetch before fetching on its own.
+    pub timeout: Duration,
+    /// Largest body shared with waiting requests through memory.
+    pub max_body: u64,
+    /// How long a URL that answered uncacheable is fetched per request instead of coalesced.
+    pub remember_uncacheable: Duration,
 }
 
 /// Where and how to reach the origin.
@@ -341,6 +356,17 @@ impl Config {
             share_set_cookie: c.share_set_cookie.unwrap_or(defaults.share_set_cookie),
         };
 
+        let coalescing = CoalesceConfig {
+            timeout: duration_or(&c.coalesce_timeout, "30s")
+                .map_err(|m| bad("cache.coalesce_timeout", m))?,
+            max_body: match &c.coalesce_max_body {
+                Some(s) => parse_bytes(s).map_err(|m| bad("cache.coalesce_max_body", m))?,
+                None => 64 << 20,
+            },
+            remember_uncacheable: duration_or(&c.remember_uncacheable, "30s")
+                .map_err(|m| bad("cache.remember_uncacheable", m))?,
+        };
+
         let admin_listen = parse_addr(raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN))
             .map_err(|m| bad("admin.listen", m))?;
         if admin_listen == listen && listen.port() != 0 {
@@ -394,6 +420,7 @@ impl Config {
 
         Ok(Config {
             listen,
+            coalescing,
             workers,
             shutdown_timeout,
             origin,

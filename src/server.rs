@@ -9,7 +9,8 @@ use actix_web::{App, HttpServer, web};
 use crate::admin;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::proxy::{self, ProxyState};
+use crate::metrics::Metrics;
+use crate::proxy::{self, Flights, ProxyState};
 use crate::store::{Store, StoreOptions};
 use crate::upstream::Upstream;
 
@@ -88,12 +89,20 @@ impl Larder {
         let proxy_addr = local(&proxy_listener, "proxy", config.listen)?;
         let admin_addr = local(&admin_listener, "admin", config.admin.listen)?;
 
-        let state = web::Data::new(ProxyState::new(
-            store.clone(),
-            config.policy.clone(),
-            clock.clone(),
-            config.storage.max_object_size,
+        let flights = Arc::new(Flights::new(
+            config.coalescing.remember_uncacheable,
+            config.coalescing.timeout,
+            config.coalescing.max_body,
         ));
+        let metrics = Arc::new(Metrics::new());
+        let state = web::Data::new(ProxyState {
+            store: store.clone(),
+            policy: config.policy.clone(),
+            clock: clock.clone(),
+            max_object_size: config.storage.max_object_size,
+            flights: flights.clone(),
+            metrics: metrics.clone(),
+        });
         let origin = config.origin.clone();
         let shutdown_secs = config.shutdown_timeout.as_secs();
         let proxy = HttpServer::new(move || {
@@ -115,11 +124,13 @@ impl Larder {
         })?
         .run();
 
-        let admin_state = web::Data::new(admin::AdminState::new(
-            store.clone(),
-            config.admin.token.clone(),
-            clock.clone(),
-        ));
+        let admin_state = web::Data::new(admin::AdminState {
+            store: store.clone(),
+            token: config.admin.token.clone(),
+            clock: clock.clone(),
+            flights,
+            metrics,
+        });
         let admin = HttpServer::new(move || {
             App::new()
                 .app_data(admin_state.clone())

@@ -1,22 +1,24 @@
-//! Everything that goes to the origin: pass-through, miss and revalidation fetches, the tee into the store, background refresh, invalidation.
+//! Everything that goes to the origin: pass-through, the single-flight cache fetch (miss, revalidation, background refresh), the tee into the store, invalidation.
 
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use actix_web::body::{BodyStream, None as NoBody, SizedStream};
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpResponse, HttpResponseBuilder, web};
 use bytes::Bytes;
-use futures_util::stream;
+use futures_util::stream::{self, BoxStream, StreamExt};
 use tokio::sync::mpsc;
 
+use super::flight::{Flight, Outcome, SharedHead};
 use super::respond::{self, CacheStatus};
-use super::{ProxyState, RequestCtx};
+use super::{ProxyState, RequestCtx, select_variant};
 use crate::key::{PrimaryKey, VariantKey};
 use crate::policy::{self, HeaderList, Storable, Vary};
 use crate::store::{BodyInfo, BodyWriter, Entry};
 use crate::upstream::{Upstream, UpstreamBody, UpstreamError, UpstreamResponse};
 
 /// Request fields a cache fetch must not forward: the client's own conditionals and ranges
-/// (we want the full response to store, and answer those from it), plus hop-by-hop fields.
+/// (we want the full response to store, and answer those from it).
 const CLIENT_ONLY_FIELDS: [&str; 6] = [
     "if-none-match",
     "if-modified-since",
@@ -26,8 +28,10 @@ const CLIENT_ONLY_FIELDS: [&str; 6] = [
     "range",
 ];
 
-/// Chunks in flight between the origin reader and a slow client before the reader waits.
+/// Chunks in flight between the origin reader and a lone client before the reader waits.
 const CLIENT_CHANNEL_CHUNKS: usize = 16;
+
+type ClientChunk = Result<Bytes, std::io::Error>;
 
 /// Forwards a request the cache does not serve (unsafe methods, ranges, HEAD misses) and
 /// applies RFC 9111 §4.4 invalidation to what it changed.
@@ -59,218 +63,204 @@ pub(crate) async fn pass(
         }
         _ => upstream.send(method, path, &headers, ()).await,
     };
-    let resp = match sent {
+    let mut resp = match sent {
         Ok(resp) => resp,
-        Err(e) => return origin_error(&e, fwd),
+        Err(e) => return origin_error(&e, &CacheStatus::fwd(fwd)),
     };
     if policy::is_unsafe_method(&ctx.method) {
         invalidate(ctx, state, resp.status, &resp.headers);
     }
+    prepare_response_headers(&mut resp.headers, state.clock.now());
     let cache_status = CacheStatus::fwd(fwd).with_fwd_status(resp.status);
-    stream_to_client(ctx, state, resp, None, cache_status)
+    let length = content_length(&resp.headers);
+    let builder = respond::from_origin_head(resp.status, &resp.headers, &cache_status);
+    let (tx, rx) = mpsc::channel(CLIENT_CHANNEL_CHUNKS);
+    actix_web::rt::spawn(tee(resp.body, None, Sink::Client(tx), length, u64::MAX));
+    finish_body(
+        builder,
+        ctx.is_head,
+        resp.status,
+        length,
+        receiver_stream(rx),
+    )
 }
 
-/// Fetches for the cache: a miss (`stale` is None) or a revalidation of `stale`. Stores what
-/// policy allows while streaming it to the client; on a matching 304, freshens the stored entry.
-pub(crate) async fn fetch_and_store(
+/// A cache fetch for this request (a miss, or a revalidation of `stale`): joins the fetch
+/// already running for this URL or leads a new one, then answers from its outcome.
+pub(crate) async fn fetch_for_cache(
     ctx: &RequestCtx,
-    state: &ProxyState,
-    upstream: &Upstream,
+    state: &web::Data<ProxyState>,
+    upstream: &web::Data<Upstream>,
     primary: PrimaryKey,
     stale: Option<(VariantKey, Entry)>,
     fwd: &str,
 ) -> HttpResponse {
-    let mut headers = forward_headers(ctx, true);
-    if let Some((_, entry)) = &stale {
-        // RFC 9111 §4.3.1: validate with the stored response's own validators.
-        for (name, value) in policy::revalidation_headers(&entry.headers).iter() {
-            headers.push(name, value);
-        }
+    // A URL that just answered uncacheable is fetched per request (hit-for-miss), so its next
+    // herd is not queued behind one fetch.
+    if state.flights.recently_uncacheable(&primary, ctx.now) {
+        return fetch_alone(ctx, state, upstream, primary, stale, fwd).await;
     }
-    let request_time = state.clock.now();
-    let sent = upstream
-        .send("GET", &ctx.path_and_query, &headers, ())
-        .await;
-    let response_time = state.clock.now();
-
-    let resp = match sent {
-        Ok(resp) => resp,
-        Err(e) => {
-            if let Some((key, entry)) = &stale
-                && policy::may_serve_stale_on_error(&ctx.headers, &entry.freshness, ctx.now)
-            {
-                // RFC 5861 §4: the origin failed and the stale copy is allowed to stand in.
-                let status = CacheStatus::fwd(fwd).with_detail("stale-if-error");
-                if let Some(r) = respond::from_store(ctx, state, key, entry, status).await {
-                    return r;
-                }
-            }
-            return origin_error(&e, fwd);
-        }
+    let (flight, leader) = state.flights.join(&primary);
+    if leader {
+        start_lead(
+            flight.clone(),
+            ctx,
+            state,
+            upstream,
+            primary.clone(),
+            stale.clone(),
+            fwd,
+            true,
+        );
+    } else {
+        state.metrics.coalesced_waits.inc();
+    }
+    let outcome = match flight.outcome(state.flights.wait_timeout).await {
+        Some(o) => o,
+        // The leader's origin is too slow: stop waiting and ask on our own.
+        None => return fetch_alone(ctx, state, upstream, primary, stale, fwd).await,
     };
-
-    if let Some((key, entry)) = stale {
-        if resp.status == 304 {
-            if policy::revalidation_matches(&entry.headers, &resp.headers) {
-                return revalidated(
-                    ctx,
-                    state,
-                    key,
-                    entry,
-                    &resp.headers,
-                    request_time,
-                    response_time,
-                )
-                .await;
-            }
-            // RFC 9111 §4.3.4: a 304 naming another representation updates nothing; the
-            // client asked for a full response, so ask again without validators.
-            return Box::pin(fetch_and_store(ctx, state, upstream, primary, None, fwd)).await;
-        }
-        if resp.status >= 500
-            && policy::may_serve_stale_on_error(&ctx.headers, &entry.freshness, ctx.now)
-        {
-            let status = CacheStatus::fwd(fwd)
-                .with_fwd_status(resp.status)
-                .with_detail("stale-if-error");
-            if let Some(r) = respond::from_store(ctx, state, &key, &entry, status).await {
-                return r;
-            }
-        }
+    match answer(ctx, state, &flight, outcome, leader, stale.as_ref(), fwd).await {
+        Some(resp) => resp,
+        // Released: the shared answer does not fit this request.
+        None => fetch_alone(ctx, state, upstream, primary, stale, fwd).await,
     }
-    store_and_stream(ctx, state, primary, resp, request_time, response_time, fwd)
 }
 
-/// Decides whether an origin response is stored, then streams it to the client (and the store).
-fn store_and_stream(
+/// The same fetch, led by this request alone and shared with nobody.
+async fn fetch_alone(
     ctx: &RequestCtx,
-    state: &ProxyState,
+    state: &web::Data<ProxyState>,
+    upstream: &web::Data<Upstream>,
     primary: PrimaryKey,
-    mut resp: UpstreamResponse,
-    request_time: SystemTime,
-    response_time: SystemTime,
+    stale: Option<(VariantKey, Entry)>,
     fwd: &str,
 ) -> HttpResponse {
-    prepare_response_headers(&mut resp.headers, response_time);
-    let cache_status = CacheStatus::fwd(fwd).with_fwd_status(resp.status);
-    let decision = match resp.status {
-        // A 304 or 206 is not a complete representation; never store it as one.
-        304 => Storable::No(policy::NotStorable::Status),
-        _ => policy::storable(
-            "GET",
-            &ctx.headers,
-            resp.status,
-            &resp.headers,
-            request_time,
-            response_time,
-            &state.policy,
-        ),
-    };
-    let freshness = match decision {
-        Storable::Yes(f) => f,
-        Storable::No(reason) => {
-            let status = cache_status.with_detail(reason.as_str());
-            return stream_to_client(ctx, state, resp, None, status);
-        }
-    };
-    if content_length(&resp.headers).is_some_and(|n| n > state.max_object_size) {
-        let status = cache_status.with_detail("too-large");
-        return stream_to_client(ctx, state, resp, None, status);
-    }
-    let fields = match policy::parse_vary(&resp.headers) {
-        Vary::Fields(f) => f,
-        // storable() already refuses Vary: *; never store it even if that changes.
-        Vary::Star => {
-            return stream_to_client(
-                ctx,
-                state,
-                resp,
-                None,
-                cache_status.with_detail("vary-star"),
-            );
-        }
-    };
-    let vary = policy::vary_values(&fields, &ctx.headers, &state.policy);
-    let key = VariantKey::new(&primary, &vary);
-    let entry = Entry {
-        url: primary.url().to_string(),
-        status: resp.status,
-        headers: policy::headers_to_store(&resp.headers),
-        vary,
-        freshness,
-        tags: policy::surrogate_keys(&resp.headers),
-        stored_at: response_time,
-        body: BodyInfo::default(),
-    };
-    let writer = state.store.begin_write(key, entry);
-    stream_to_client(ctx, state, resp, Some(writer), cache_status.stored())
+    let flight = Arc::new(Flight::new());
+    start_lead(
+        flight.clone(),
+        ctx,
+        state,
+        upstream,
+        primary.clone(),
+        stale.clone(),
+        fwd,
+        false,
+    );
+    let outcome = flight
+        .outcome(std::time::Duration::MAX)
+        .await
+        .unwrap_or_else(unreachable_outcome);
+    answer(ctx, state, &flight, outcome, true, stale.as_ref(), fwd)
+        .await
+        .unwrap_or_else(|| respond::plain_error(502, "the origin's answer could not be used"))
 }
 
-/// A 304 matched the stored response: merge its fields (RFC 9111 §3.2, §4.3.4), recompute
-/// freshness, persist, and serve the stored body.
-async fn revalidated(
+fn unreachable_outcome() -> Outcome {
+    Outcome::Failed {
+        status: 502,
+        message: "origin fetch ended without an answer".into(),
+        detail: "origin-error",
+    }
+}
+
+/// Turns a flight's outcome into this client's response; `None` = not for us, fetch alone.
+#[allow(clippy::too_many_arguments)]
+async fn answer(
     ctx: &RequestCtx,
     state: &ProxyState,
-    key: VariantKey,
-    mut entry: Entry,
-    not_modified: &HeaderList,
-    request_time: SystemTime,
-    response_time: SystemTime,
-) -> HttpResponse {
-    let merged =
-        policy::headers_to_store(&policy::merge_not_modified(&entry.headers, not_modified));
-    let decision = policy::storable(
-        "GET",
-        &ctx.headers,
-        entry.status,
-        &merged,
-        request_time,
-        response_time,
-        &state.policy,
-    );
-    entry.headers = merged;
-    let status = CacheStatus::fwd("stale").with_fwd_status(304);
-    let not_storable = match decision {
-        Storable::Yes(freshness) => {
-            entry.freshness = freshness;
-            if let Err(e) = state
-                .store
-                .update_meta(&key, entry.headers.clone(), freshness)
-            {
-                tracing::warn!(url = %entry.url, error = %e, "could not freshen stored entry");
+    flight: &Arc<Flight>,
+    outcome: Outcome,
+    leader: bool,
+    stale: Option<&(VariantKey, Entry)>,
+    fwd: &str,
+) -> Option<HttpResponse> {
+    let collapse = |s: CacheStatus| if leader { s } else { s.collapsed() };
+    match outcome {
+        Outcome::Failed {
+            status,
+            message,
+            detail,
+        } => {
+            if let Some(resp) = serve_stale_on_error(ctx, state, stale, fwd, None).await {
+                return Some(resp);
             }
-            None
+            let cache_status = collapse(CacheStatus::fwd(fwd).with_detail(detail));
+            Some(respond::plain_error_with(status, &message, &cache_status))
         }
-        Storable::No(reason) => Some(reason),
-    };
-    let status = match not_storable {
-        Some(reason) => status.with_detail(reason.as_str()),
-        None => status,
-    };
-    let response = respond::from_store(ctx, state, &key, &entry, status).await;
-    if not_storable.is_some() {
-        // The origin confirmed the body but no longer lets us keep it: it is served this once
-        // (the body stream is already open), then the entry goes.
-        if let Err(e) = state.store.remove(&key) {
-            tracing::warn!(url = %entry.url, error = %e, "could not drop entry");
+        Outcome::Revalidated(key) => {
+            // The 304 updated the entry in the store; read it back, if it still suits us.
+            let entry = state.store.get(&key).ok().flatten()?;
+            let (key, entry) = select_variant(vec![(key, entry)], &ctx.headers, &state.policy)?;
+            let cache_status = collapse(CacheStatus::fwd("stale").with_fwd_status(304));
+            respond::from_store(ctx, state, &key, &entry, cache_status).await
+        }
+        Outcome::Response(head) => {
+            let fits = head.shareable
+                && policy::vary_values(&head.vary_fields, &ctx.headers, &state.policy)
+                    == head.vary_values;
+            if !leader && !fits {
+                return None;
+            }
+            if head.status >= 500
+                && let Some(resp) =
+                    serve_stale_on_error(ctx, state, stale, fwd, Some(head.status)).await
+            {
+                return Some(resp);
+            }
+            let body: BoxStream<'static, ClientChunk> = if head.shareable {
+                flight.clone().body().boxed()
+            } else {
+                // Only the leader reads an unshared response, through its own channel.
+                let rx = head
+                    .solo_body
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()?;
+                receiver_stream(rx).boxed()
+            };
+            let cache_status = collapse(head.cache_status.clone());
+            let builder = respond::from_origin_head(head.status, &head.headers, &cache_status);
+            Some(finish_body(
+                builder,
+                ctx.is_head,
+                head.status,
+                head.content_length,
+                body,
+            ))
         }
     }
-    response.unwrap_or_else(|| respond::plain_error(502, "stored body lost during revalidation"))
 }
 
-fn clone_ctx(ctx: &RequestCtx) -> RequestCtx {
-    RequestCtx {
-        method: ctx.method.clone(),
-        is_head: ctx.is_head,
-        host: ctx.host.clone(),
-        path_and_query: ctx.path_and_query.clone(),
-        headers: ctx.headers.clone(),
-        peer: ctx.peer,
-        now: ctx.now,
+/// RFC 5861 §4: when the origin failed (no answer, or `status` ≥ 500) and the stale copy may
+/// stand in, serve it.
+async fn serve_stale_on_error(
+    ctx: &RequestCtx,
+    state: &ProxyState,
+    stale: Option<&(VariantKey, Entry)>,
+    fwd: &str,
+    status: Option<u16>,
+) -> Option<HttpResponse> {
+    let (key, entry) = stale?;
+    if !policy::may_serve_stale_on_error(&ctx.headers, &entry.freshness, ctx.now) {
+        return None;
     }
+    let mut cache_status = CacheStatus::fwd(fwd);
+    if let Some(s) = status {
+        cache_status = cache_status.with_fwd_status(s);
+    }
+    state.metrics.stale_served.inc();
+    respond::from_store(
+        ctx,
+        state,
+        key,
+        entry,
+        cache_status.with_detail("stale-if-error"),
+    )
+    .await
 }
 
-/// Starts one background revalidation for `key` unless one is already running
+/// Starts one background revalidation for this URL unless a fetch for it is already running
 /// (RFC 5861 §3: serve stale while a single refresh brings a fresh copy).
 pub(crate) fn refresh_in_background(
     ctx: &RequestCtx,
@@ -280,53 +270,385 @@ pub(crate) fn refresh_in_background(
     key: &VariantKey,
     entry: &Entry,
 ) {
+    let (flight, leader) = state.flights.join(primary);
+    if !leader {
+        return;
+    }
+    state.metrics.background_refreshes.inc();
+    let stale = Some((*key, entry.clone()));
+    start_lead(
+        flight,
+        ctx,
+        state,
+        upstream,
+        primary.clone(),
+        stale,
+        "stale",
+        true,
+    );
+}
+
+/// Spawns the fetch on this worker (awc is not Send). It outlives the request that started
+/// it, so waiters and the store get the whole response even if that client goes away.
+#[allow(clippy::too_many_arguments)]
+fn start_lead(
+    flight: Arc<Flight>,
+    ctx: &RequestCtx,
+    state: &web::Data<ProxyState>,
+    upstream: &web::Data<Upstream>,
+    primary: PrimaryKey,
+    stale: Option<(VariantKey, Entry)>,
+    fwd: &str,
+    registered: bool,
+) {
+    // The fetch is a plain GET for the full response, whatever this client asked.
+    let mut job = ctx.clone();
+    job.method = "GET".into();
+    job.is_head = false;
+    for name in CLIENT_ONLY_FIELDS {
+        job.headers.remove(name);
+    }
+    let (state, upstream, fwd) = (state.clone(), upstream.clone(), fwd.to_string());
+    actix_web::rt::spawn(async move {
+        lead(&flight, &job, &state, &upstream, &primary, stale, &fwd).await;
+        if registered {
+            state.flights.detach(&primary, &flight);
+        }
+        // Whatever happened, nobody may wait for this flight any longer.
+        flight.finish(Err("origin fetch abandoned".into()));
+    });
+}
+
+/// The leader's work: ask the origin (conditionally when revalidating), decide, publish the
+/// outcome, then stream the body to the store and to the readers.
+async fn lead(
+    flight: &Arc<Flight>,
+    job: &RequestCtx,
+    state: &ProxyState,
+    upstream: &Upstream,
+    primary: &PrimaryKey,
+    mut stale: Option<(VariantKey, Entry)>,
+    fwd: &str,
+) {
+    let mut fwd = fwd.to_string();
+    // A revalidation may turn into a plain refetch once (a 304 for another representation).
+    for _attempt in 0..2 {
+        let mut headers = forward_headers(job, true);
+        if let Some((_, entry)) = &stale {
+            // RFC 9111 §4.3.1: validate with the stored response's own validators.
+            for (name, value) in policy::revalidation_headers(&entry.headers).iter() {
+                headers.push(name, value);
+            }
+        }
+        let generation = state.store.purge_generation();
+        let request_time = state.clock.now();
+        let sent = upstream
+            .send("GET", &job.path_and_query, &headers, ())
+            .await;
+        let response_time = state.clock.now();
+        state.metrics.origin_requests.inc();
+        let mut resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(url = %primary.url(), error = %e, "origin request failed");
+                flight.publish(Outcome::Failed {
+                    status: e.status(),
+                    message: e.to_string(),
+                    detail: error_detail(&e),
+                });
+                return;
+            }
+        };
+        if let Some((key, entry)) = &stale
+            && resp.status == 304
+        {
+            if policy::revalidation_matches(&entry.headers, &resp.headers) {
+                freshen(
+                    state,
+                    job,
+                    *key,
+                    entry,
+                    &resp.headers,
+                    request_time,
+                    response_time,
+                    generation,
+                );
+                flight.publish(Outcome::Revalidated(*key));
+                return;
+            }
+            // RFC 9111 §4.3.4: a 304 for another representation updates nothing; ask again
+            // without validators for a full response.
+            stale = None;
+            fwd = "miss".into();
+            continue;
+        }
+        prepare_response_headers(&mut resp.headers, response_time);
+        deliver(
+            flight,
+            job,
+            state,
+            primary,
+            resp,
+            request_time,
+            response_time,
+            &fwd,
+        )
+        .await;
+        return;
+    }
+}
+
+/// A matching 304: merge its fields (RFC 9111 §3.2), recompute freshness and persist it; if
+/// the merged response is no longer storable, drop the entry.
+#[allow(clippy::too_many_arguments)]
+fn freshen(
+    state: &ProxyState,
+    job: &RequestCtx,
+    key: VariantKey,
+    entry: &Entry,
+    not_modified: &HeaderList,
+    request_time: SystemTime,
+    response_time: SystemTime,
+    generation: u64,
+) {
+    let merged =
+        policy::headers_to_store(&policy::merge_not_modified(&entry.headers, not_modified));
+    let result = match policy::storable(
+        "GET",
+        &job.headers,
+        entry.status,
+        &merged,
+        request_time,
+        response_time,
+        &state.policy,
+    ) {
+        Storable::Yes(freshness) => state.store.update_meta(&key, merged, freshness, generation),
+        Storable::No(reason) => {
+            tracing::debug!(url = %entry.url, reason = reason.as_str(), "revalidated entry no longer storable");
+            state.store.remove(&key)
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(url = %entry.url, error = %e, "revalidation result not kept");
+    }
+}
+
+/// Decides whether the response is stored and shared, publishes its head, and streams the body.
+#[allow(clippy::too_many_arguments)]
+async fn deliver(
+    flight: &Arc<Flight>,
+    job: &RequestCtx,
+    state: &ProxyState,
+    primary: &PrimaryKey,
+    resp: UpstreamResponse,
+    request_time: SystemTime,
+    response_time: SystemTime,
+    fwd: &str,
+) {
+    let length = content_length(&resp.headers);
+    let mut cache_status = CacheStatus::fwd(fwd).with_fwd_status(resp.status);
+    let decision = match resp.status {
+        // A 304 is not a complete representation; never store it as one.
+        304 => Storable::No(policy::NotStorable::Status),
+        _ => policy::storable(
+            "GET",
+            &job.headers,
+            resp.status,
+            &resp.headers,
+            request_time,
+            response_time,
+            &state.policy,
+        ),
+    };
+    let (vary_fields, vary_values) = match policy::parse_vary(&resp.headers) {
+        Vary::Fields(fields) => {
+            let values = policy::vary_values(&fields, &job.headers, &state.policy);
+            (fields, values)
+        }
+        Vary::Star => (Vec::new(), Vec::new()),
+    };
+    let writer = match decision {
+        Storable::No(reason) => {
+            cache_status = cache_status.with_detail(reason.as_str());
+            None
+        }
+        Storable::Yes(_) if length.is_some_and(|n| n > state.max_object_size) => {
+            cache_status = cache_status.with_detail("too-large");
+            None
+        }
+        Storable::Yes(freshness) => {
+            let key = VariantKey::new(primary, &vary_values);
+            let entry = Entry {
+                url: primary.url().to_string(),
+                status: resp.status,
+                headers: policy::headers_to_store(&resp.headers),
+                vary: vary_values.clone(),
+                freshness,
+                tags: policy::surrogate_keys(&resp.headers),
+                stored_at: response_time,
+                body: BodyInfo::default(),
+            };
+            cache_status = cache_status.stored();
+            Some(state.store.begin_write(key, entry))
+        }
+    };
+    if writer.is_some() {
+        state.flights.clear_uncacheable(primary);
+    } else if resp.status < 500 {
+        state.flights.mark_uncacheable(primary, response_time);
+    }
+    // Waiters share what is stored (it is meant for everyone) and origin errors (so a failing
+    // origin is not hit once per waiter), as long as the body fits in memory.
+    let fits = length.is_none_or(|n| n <= state.flights.max_body);
+    let shareable = (writer.is_some() || resp.status >= 500) && fits;
+    let (sink, solo_body) = if shareable {
+        (Sink::Shared(flight.clone(), state.flights.max_body), None)
+    } else {
+        let (tx, rx) = mpsc::channel(CLIENT_CHANNEL_CHUNKS);
+        (Sink::Client(tx), Some(rx))
+    };
+    flight.publish(Outcome::Response(Arc::new(SharedHead {
+        status: resp.status,
+        headers: resp.headers,
+        content_length: length,
+        cache_status,
+        shareable,
+        vary_fields,
+        vary_values,
+        solo_body: Mutex::new(solo_body),
+    })));
+    tee(resp.body, writer, sink, length, state.max_object_size).await;
+}
+
+/// Where the body goes besides the store: one client's channel, or a flight's shared buffer.
+enum Sink {
+    Client(mpsc::Sender<ClientChunk>),
+    Shared(Arc<Flight>, u64),
+}
+
+impl Sink {
+    /// Hands over a chunk; false once nobody can read any more.
+    async fn send(&mut self, chunk: Bytes) -> bool {
+        match self {
+            Sink::Client(tx) => tx.send(Ok(chunk)).await.is_ok(),
+            Sink::Shared(flight, max) => flight.push(chunk, *max),
+        }
+    }
+
+    async fn fail(&mut self, message: String) {
+        match self {
+            Sink::Client(tx) => {
+                let _ = tx.send(Err(std::io::Error::other(message))).await;
+            }
+            Sink::Shared(flight, _) => flight.finish(Err(message)),
+        }
+    }
+
+    fn end(&mut self) {
+        if let Sink::Shared(flight, _) = self {
+            flight.finish(Ok(()));
+        }
+    }
+}
+
+/// Reads the origin body to the end, feeding the store writer and the sink. The last chunk is
+/// held back until the store has committed, so a client that has the whole body can rely on
+/// the next request being a hit. A reader that goes away does not stop the store's copy.
+async fn tee(
+    mut body: UpstreamBody,
+    mut writer: Option<BodyWriter>,
+    mut sink: Sink,
+    expected_len: Option<u64>,
+    max_object_size: u64,
+) {
+    let mut readers = true;
+    let mut held: Option<Bytes> = None;
+    let mut received: u64 = 0;
+    loop {
+        match body.next_chunk().await {
+            Some(Ok(chunk)) => {
+                received += chunk.len() as u64;
+                if received > max_object_size && writer.take().is_some() {
+                    tracing::debug!("body grew past max_object_size; not storing it");
+                }
+                if let Some(w) = writer.as_mut()
+                    && let Err(e) = w.write(&chunk).await
+                {
+                    // A disk problem costs the cache entry, never the client's response.
+                    tracing::warn!(error = %e, "store write failed; passing through");
+                    writer = None;
+                }
+                if let Some(prev) = held.replace(chunk)
+                    && readers
+                {
+                    readers = sink.send(prev).await;
+                }
+                if !readers && writer.is_none() {
+                    return;
+                }
+            }
+            Some(Err(e)) => {
+                // Dropping the writer discards the partial body; readers' connections are cut.
+                drop(writer);
+                tracing::warn!(error = %e, "origin body failed");
+                if readers && let Some(prev) = held.take() {
+                    sink.send(prev).await;
+                }
+                sink.fail(e.to_string()).await;
+                return;
+            }
+            None => break,
+        }
+    }
+    if let Some(w) = writer
+        && let Err(e) = w.commit(expected_len).await
     {
-        let mut running = state.refreshing.lock().unwrap_or_else(|e| e.into_inner());
-        if !running.insert(*key) {
+        tracing::warn!(error = %e, "response not stored");
+        if expected_len.is_some_and(|n| n != received) {
+            // The origin closed before its Content-Length: readers must not see a clean end.
+            sink.fail("origin body shorter than Content-Length".into())
+                .await;
             return;
         }
     }
-    let state = state.clone();
-    let upstream = upstream.clone();
-    let primary = primary.clone();
-    let key = *key;
-    let entry = entry.clone();
-    // The refresh acts as a GET with no client conditionals, so what it gets can be stored.
-    let mut ctx = clone_ctx(ctx);
-    ctx.method = "GET".into();
-    ctx.is_head = false;
-    for name in CLIENT_ONLY_FIELDS {
-        ctx.headers.remove(name);
+    if let Some(last) = held
+        && readers
+    {
+        sink.send(last).await;
     }
-    // Runs on this worker (awc is not Send) and outlives the request that started it.
-    actix_web::rt::spawn(async move {
-        let response = fetch_and_store(
-            &ctx,
-            &state,
-            &upstream,
-            primary,
-            Some((key, entry)),
-            "stale",
-        )
-        .await;
-        // Nobody reads this response: drain its body so the tee into the store runs to the end.
-        let mut body = std::pin::pin!(response.into_body());
-        let _ = futures_util::future::poll_fn(|cx| {
-            loop {
-                match actix_web::body::MessageBody::poll_next(body.as_mut(), cx) {
-                    std::task::Poll::Ready(Some(Ok(_))) => continue,
-                    std::task::Poll::Ready(_) => return std::task::Poll::Ready(()),
-                    std::task::Poll::Pending => return std::task::Poll::Pending,
-                }
-            }
-        })
-        .await;
-        state
-            .refreshing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
-    });
+    sink.end();
+}
+
+/// Attaches the body with the right framing: the origin's length when known, nothing for
+/// HEAD (but the GET's Content-Length) and for statuses that have no body.
+fn finish_body(
+    mut builder: HttpResponseBuilder,
+    is_head: bool,
+    status: u16,
+    length: Option<u64>,
+    body: impl futures_util::Stream<Item = ClientChunk> + 'static,
+) -> HttpResponse {
+    let no_body_status = matches!(status, 204 | 304) || (100..200).contains(&status);
+    if is_head || no_body_status {
+        return match length {
+            Some(n) if is_head => builder
+                .no_chunking(n)
+                .streaming(stream::empty::<ClientChunk>()),
+            _ => builder.body(NoBody::new()),
+        };
+    }
+    match length {
+        Some(n) => builder.no_chunking(n).streaming(body),
+        None => builder.streaming(body),
+    }
+}
+
+fn receiver_stream(
+    rx: mpsc::Receiver<ClientChunk>,
+) -> impl futures_util::Stream<Item = ClientChunk> {
+    stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
 }
 
 /// RFC 9111 §4.4: a successful unsafe request invalidates the target URI and same-origin
@@ -349,132 +671,21 @@ fn invalidate(ctx: &RequestCtx, state: &ProxyState, status: u16, resp: &HeaderLi
     }
 }
 
-/// Streams an origin response to the client. With a writer, the same bytes go to the store,
-/// and the store commits before the client sees the last chunk, so a client that has read the
-/// whole body can rely on the next request being a hit. The origin read runs in its own task:
-/// a client that goes away does not stop the store from receiving the complete body.
-fn stream_to_client(
-    ctx: &RequestCtx,
-    state: &ProxyState,
-    resp: UpstreamResponse,
-    writer: Option<BodyWriter>,
-    cache_status: CacheStatus,
-) -> HttpResponse {
-    let length = content_length(&resp.headers);
-    let mut builder = respond::from_origin_head(resp.status, &resp.headers, &cache_status);
-    let max_object_size = state.max_object_size;
-    let no_body_status = matches!(resp.status, 204 | 304) || (100..200).contains(&resp.status);
-
-    if ctx.is_head || no_body_status {
-        if writer.is_some() {
-            let (tx, _rx) = mpsc::channel(1);
-            actix_web::rt::spawn(tee(resp.body, writer, tx, length, max_object_size));
-        }
-        return match length {
-            Some(n) if ctx.is_head => builder
-                .no_chunking(n)
-                .streaming(stream::empty::<Result<Bytes, std::io::Error>>()),
-            _ => builder.body(NoBody::new()),
-        };
-    }
-
-    let (tx, rx) = mpsc::channel(CLIENT_CHANNEL_CHUNKS);
-    actix_web::rt::spawn(tee(resp.body, writer, tx, length, max_object_size));
-    let body = stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    match length {
-        Some(n) => builder.no_chunking(n).streaming(body),
-        None => builder.streaming(body),
-    }
-}
-
-type ClientChunk = Result<Bytes, std::io::Error>;
-
-/// Reads the origin body to the end, feeding the client channel and the store writer. The
-/// last chunk is held back until the store has committed (see `stream_to_client`).
-async fn tee(
-    mut body: UpstreamBody,
-    mut writer: Option<BodyWriter>,
-    tx: mpsc::Sender<ClientChunk>,
-    expected_len: Option<u64>,
-    max_object_size: u64,
-) {
-    let mut client_open = !tx.is_closed();
-    let mut held: Option<Bytes> = None;
-    let mut received: u64 = 0;
-    loop {
-        match body.next_chunk().await {
-            Some(Ok(chunk)) => {
-                received += chunk.len() as u64;
-                if received > max_object_size && writer.take().is_some() {
-                    tracing::debug!("body grew past max_object_size; not storing it");
-                }
-                if let Some(w) = writer.as_mut()
-                    && let Err(e) = w.write(&chunk).await
-                {
-                    // A disk problem costs the cache entry, never the client's response.
-                    tracing::warn!(error = %e, "store write failed; passing through");
-                    writer = None;
-                }
-                if let Some(prev) = held.replace(chunk)
-                    && client_open
-                    && tx.send(Ok(prev)).await.is_err()
-                {
-                    client_open = false;
-                }
-                if !client_open && writer.is_none() {
-                    return;
-                }
-            }
-            Some(Err(e)) => {
-                // Dropping the writer discards the partial body; the client's connection is cut.
-                drop(writer);
-                tracing::warn!(error = %e, "origin body failed");
-                if client_open {
-                    if let Some(prev) = held.take() {
-                        let _ = tx.send(Ok(prev)).await;
-                    }
-                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
-                }
-                return;
-            }
-            None => break,
-        }
-    }
-    if let Some(w) = writer
-        && let Err(e) = w.commit(expected_len).await
-    {
-        tracing::warn!(error = %e, "response not stored");
-        if expected_len.is_some_and(|n| n != received) && client_open {
-            // The origin closed before its Content-Length: the client must not see a clean end.
-            let _ = tx
-                .send(Err(std::io::Error::other(
-                    "origin body shorter than Content-Length",
-                )))
-                .await;
-            return;
-        }
-    }
-    if let Some(last) = held
-        && client_open
-    {
-        let _ = tx.send(Ok(last)).await;
+fn error_detail(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::Timeout(_) => "origin-timeout",
+        UpstreamError::Connect(_) => "origin-unreachable",
+        _ => "origin-error",
     }
 }
 
 /// An origin failure as the client sees it: 504 for timeouts, 502 otherwise.
-fn origin_error(e: &UpstreamError, fwd: &str) -> HttpResponse {
+fn origin_error(e: &UpstreamError, cache_status: &CacheStatus) -> HttpResponse {
     tracing::warn!(error = %e, "origin request failed");
-    let detail = match e {
-        UpstreamError::Timeout(_) => "origin-timeout",
-        UpstreamError::Connect(_) => "origin-unreachable",
-        _ => "origin-error",
-    };
     respond::plain_error_with(
         e.status(),
         &e.to_string(),
-        &CacheStatus::fwd(fwd).with_detail(detail),
+        &cache_status.clone().with_detail(error_detail(e)),
     )
 }
 

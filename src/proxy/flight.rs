@@ -20,7 +20,7 @@ use crate::policy::HeaderList;
 use super::respond::CacheStatus;
 
 /// Every fetch in flight, and the URLs recently found uncacheable.
-pub(crate) struct Flights {
+pub struct Flights {
     running: Mutex<HashMap<[u8; 32], Arc<Flight>>>,
     uncacheable: Mutex<HashMap<[u8; 32], SystemTime>>,
     /// How long an uncacheable answer keeps a URL out of coalescing (Varnish's hit-for-miss).
@@ -32,7 +32,7 @@ pub(crate) struct Flights {
 }
 
 impl Flights {
-    pub(crate) fn new(remember_uncacheable: Duration, wait_timeout: Duration, max_body: u64) -> Self {
+    pub fn new(remember_uncacheable: Duration, wait_timeout: Duration, max_body: u64) -> Self {
         Self {
             running: Mutex::new(HashMap::new()),
             uncacheable: Mutex::new(HashMap::new()),
@@ -128,6 +128,8 @@ pub(crate) struct SharedHead {
     pub shareable: bool,
     pub vary_fields: Vec<String>,
     pub vary_values: Vec<(String, Option<String>)>,
+    /// For an unshared response: the leader's own body channel, taken once by its client.
+    pub solo_body: Mutex<Option<tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>>>,
 }
 
 #[derive(Default)]
@@ -145,7 +147,8 @@ pub(crate) struct Flight {
 }
 
 impl Flight {
-    fn new() -> Self {
+    /// A flight not yet published.
+    pub(crate) fn new() -> Self {
         Self {
             state: Mutex::new(State::default()),
             version: watch::Sender::new(0),
@@ -224,34 +227,37 @@ impl Flight {
     /// The body from its first byte, as it arrives.
     pub(crate) fn body(self: Arc<Self>) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
         let rx = self.version.subscribe();
-        futures_util::stream::unfold((self, 0usize, rx, false), |(flight, next, mut rx, done)| async move {
-            if done {
-                return None;
-            }
-            loop {
-                rx.borrow_and_update();
-                {
-                    let state = lock(&flight.state);
-                    if let Some(chunk) = state.chunks.get(next) {
-                        let chunk = chunk.clone();
-                        drop(state);
-                        return Some((Ok(chunk), (flight, next + 1, rx, false)));
-                    }
-                    match &state.end {
-                        Some(Ok(())) => return None,
-                        Some(Err(e)) => {
-                            let err = std::io::Error::other(e.clone());
-                            drop(state);
-                            return Some((Err(err), (flight, next, rx, true)));
-                        }
-                        None => {}
-                    }
-                }
-                if rx.changed().await.is_err() {
+        futures_util::stream::unfold(
+            (self, 0usize, rx, false),
+            |(flight, next, mut rx, done)| async move {
+                if done {
                     return None;
                 }
-            }
-        })
+                loop {
+                    rx.borrow_and_update();
+                    {
+                        let state = lock(&flight.state);
+                        if let Some(chunk) = state.chunks.get(next) {
+                            let chunk = chunk.clone();
+                            drop(state);
+                            return Some((Ok(chunk), (flight, next + 1, rx, false)));
+                        }
+                        match &state.end {
+                            Some(Ok(())) => return None,
+                            Some(Err(e)) => {
+                                let err = std::io::Error::other(e.clone());
+                                drop(state);
+                                return Some((Err(err), (flight, next, rx, true)));
+                            }
+                            None => {}
+                        }
+                    }
+                    if rx.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            },
+        )
     }
 }
 

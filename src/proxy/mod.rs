@@ -5,11 +5,11 @@
 //! origin lives in `fetch`.
 
 mod fetch;
+mod flight;
 mod respond;
 
-use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use actix_web::http::header;
@@ -17,42 +17,28 @@ use actix_web::{HttpRequest, HttpResponse, web};
 
 use crate::clock::Clock;
 use crate::key::{PrimaryKey, VariantKey};
+use crate::metrics::Metrics;
 use crate::policy::{self, HeaderList, Lookup, PolicyOptions};
 use crate::store::{Entry, Store};
 use crate::upstream::Upstream;
 
+pub use flight::Flights;
 pub use respond::CacheStatus;
 
-/// What every worker shares: the store, the rules, the clock, and the set of keys being refreshed.
+/// What every worker shares: the store, the rules, the clock, the fetches in flight, metrics.
 pub struct ProxyState {
     pub store: Store,
     pub policy: PolicyOptions,
     pub clock: Arc<dyn Clock>,
     /// Bodies above this are passed through unstored.
     pub max_object_size: u64,
-    /// Keys with a background refresh in flight, so stale-while-revalidate starts one per key.
-    refreshing: Mutex<HashSet<VariantKey>>,
-}
-
-impl ProxyState {
-    /// State for a server over `store`.
-    pub fn new(
-        store: Store,
-        policy: PolicyOptions,
-        clock: Arc<dyn Clock>,
-        max_object_size: u64,
-    ) -> Self {
-        Self {
-            store,
-            policy,
-            clock,
-            max_object_size,
-            refreshing: Mutex::new(HashSet::new()),
-        }
-    }
+    /// Origin fetches in progress, shared by the requests that wait for them.
+    pub flights: Arc<Flights>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One client request, reduced to what the cache logic needs.
+#[derive(Clone)]
 pub(crate) struct RequestCtx {
     pub method: String,
     pub is_head: bool,
@@ -101,6 +87,7 @@ pub async fn handle(
     // so that a 206 is never mistaken for the full representation.
     let cacheable_request = (ctx.method == "GET" || ctx.is_head) && !ctx.headers.contains("range");
     if !cacheable_request {
+        state.metrics.requests.with_label_values(&["pass"]).inc();
         let fwd = if ctx.method == "GET" || ctx.is_head {
             "request"
         } else {
@@ -134,12 +121,14 @@ async fn lookup_cached(
             // A HEAD miss would store no body; ask the origin and store nothing.
             return fetch::pass(&ctx, &state, &upstream, None, "miss").await;
         }
+        state.metrics.requests.with_label_values(&["fetch"]).inc();
         let fwd = if url_known { "vary-miss" } else { "miss" };
-        return fetch::fetch_and_store(&ctx, &state, &upstream, primary, None, fwd).await;
+        return fetch::fetch_for_cache(&ctx, &state, &upstream, primary, None, fwd).await;
     };
 
     match policy::lookup(&ctx.headers, &entry.freshness, ctx.now) {
         Lookup::Fresh => {
+            state.metrics.requests.with_label_values(&["hit"]).inc();
             if let Some(resp) = respond::from_store(
                 &ctx,
                 &state,
@@ -155,6 +144,7 @@ async fn lookup_cached(
         Lookup::Stale {
             revalidate_in_background,
         } => {
+            state.metrics.requests.with_label_values(&["stale"]).inc();
             let detail = if revalidate_in_background {
                 fetch::refresh_in_background(&ctx, &state, &upstream, &primary, &key, &entry);
                 "stale-while-revalidate"
@@ -167,10 +157,11 @@ async fn lookup_cached(
             }
         }
         Lookup::MustRevalidate => {
+            state.metrics.requests.with_label_values(&["fetch"]).inc();
             if policy::CacheControl::from_request(&ctx.headers).only_if_cached {
                 return respond::only_if_cached_miss();
             }
-            return fetch::fetch_and_store(
+            return fetch::fetch_for_cache(
                 &ctx,
                 &state,
                 &upstream,
@@ -182,12 +173,12 @@ async fn lookup_cached(
         }
     }
     // The stored body was damaged or missing; the store has dropped the entry. Fetch anew.
-    fetch::fetch_and_store(&ctx, &state, &upstream, primary, None, "miss").await
+    fetch::fetch_for_cache(&ctx, &state, &upstream, primary, None, "miss").await
 }
 
 /// The stored variant this request selects (RFC 9111 §4.1): the newest one whose Vary'd
 /// request values equal this request's.
-fn select_variant(
+pub(crate) fn select_variant(
     variants: Vec<(VariantKey, Entry)>,
     req: &HeaderList,
     opts: &PolicyOptions,

@@ -49,6 +49,12 @@ impl CacheStatus {
         self
     }
 
+    /// Marks a request that was collapsed into another's origin fetch (RFC 9211 §2.5).
+    pub fn collapsed(mut self) -> Self {
+        self.0.push_str("; collapsed");
+        self
+    }
+
     /// Adds a `detail` token (RFC 9211 §2.8), e.g. why a response was not stored.
     pub fn with_detail(mut self, detail: &str) -> Self {
         self.0.push_str("; detail=");

@@ -344,11 +344,24 @@ impl Store {
         key: &VariantKey,
         headers: HeaderList,
         freshness: Freshness,
+        generation: u64,
     ) -> Result<bool, StoreError> {
-        self.shared().index.update(key, &|e: &mut Entry| {
+        let shared = self.shared();
+        // Same rule as a body commit: a revalidation that began before a purge must not
+        // make the purged (or soft-purged) entry fresh again.
+        let _guard = shared.purge_lock.read().unwrap_or_else(|e| e.into_inner());
+        if shared.generation.load(Ordering::SeqCst) != generation {
+            return Err(StoreError::Superseded);
+        }
+        shared.index.update(key, &|e: &mut Entry| {
             e.headers = headers.clone();
             e.freshness = freshness;
         })
+    }
+
+    /// The current purge generation; pass it to `update_meta` from before the origin request.
+    pub fn purge_generation(&self) -> u64 {
+        self.shared().generation.load(Ordering::SeqCst)
     }
 
     /// Removes one entry; `true` if it was there.

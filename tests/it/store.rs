@@ -602,7 +602,12 @@ async fn update_meta_replaces_headers_and_freshness_only() {
     let mut fresh = e.freshness;
     fresh.response_time = at(5_000_000);
     fresh.lifetime = Duration::from_secs(3600);
-    assert!(store.update_meta(&k, headers.clone(), fresh).unwrap());
+    let generation = store.purge_generation();
+    assert!(
+        store
+            .update_meta(&k, headers.clone(), fresh, generation)
+            .unwrap()
+    );
     let got = store.get(&k).unwrap().unwrap();
     assert_eq!(got.headers, headers);
     assert_eq!(got.freshness, fresh);
@@ -620,9 +625,19 @@ async fn update_meta_replaces_headers_and_freshness_only() {
     let (_, missing) = key("http://x/missing");
     assert!(
         !store
-            .update_meta(&missing, HeaderList::new(), fresh)
+            .update_meta(&missing, HeaderList::new(), fresh, generation)
             .unwrap()
     );
+    // A revalidation that began before a purge does not refreshen what the purge touched.
+    store
+        .purge_url(&key("http://x/u").0, true, at(5_000_100))
+        .unwrap();
+    let stale = store.get(&k).unwrap().unwrap();
+    assert!(matches!(
+        store.update_meta(&k, headers.clone(), fresh, generation),
+        Err(StoreError::Superseded)
+    ));
+    assert_eq!(store.get(&k).unwrap().unwrap().freshness, stale.freshness);
 }
 
 #[tokio::test]
