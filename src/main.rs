@@ -51,7 +51,12 @@ fn dump(args: DumpArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let (prefix, tag) = (args.prefix.as_deref(), args.tag.as_deref());
-    match Store::open(&config.storage.path, StoreOptions::default()) {
+    // One pass over the index gains nothing from a page cache; keep dump's memory small.
+    let options = StoreOptions {
+        cache_capacity: 8 << 20,
+        ..StoreOptions::default()
+    };
+    match Store::open(&config.storage.path, options) {
         Ok(store) => {
             larder::dump::dump_store(
                 &store,

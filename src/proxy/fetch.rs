@@ -383,17 +383,8 @@ async fn lead(
             continue;
         }
         prepare_response_headers(&mut resp.headers, response_time);
-        deliver(
-            flight,
-            job,
-            state,
-            primary,
-            resp,
-            request_time,
-            response_time,
-            &fwd,
-        )
-        .await;
+        let times = (request_time, response_time, generation);
+        deliver(flight, job, state, primary, resp, times, &fwd).await;
         return;
     }
 }
@@ -441,8 +432,7 @@ async fn deliver(
     state: &ProxyState,
     primary: &PrimaryKey,
     resp: UpstreamResponse,
-    request_time: SystemTime,
-    response_time: SystemTime,
+    (request_time, response_time, generation): (SystemTime, SystemTime, u64),
     fwd: &str,
 ) {
     let length = content_length(&resp.headers);
@@ -489,7 +479,7 @@ async fn deliver(
                 body: BodyInfo::default(),
             };
             cache_status = cache_status.stored();
-            Some(state.store.begin_write(key, entry))
+            Some(state.store.begin_write_since(key, entry, generation))
         }
     };
     if writer.is_some() {

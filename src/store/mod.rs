@@ -324,8 +324,15 @@ impl Store {
     /// Captures the purge generation: if any purge happens before commit, the commit fails with
     /// [`StoreError::Superseded`]. Dropping the writer without commit aborts it, leaving nothing.
     pub fn begin_write(&self, key: VariantKey, entry: Entry) -> BodyWriter {
+        self.begin_write_since(key, entry, self.purge_generation())
+    }
+
+    /// Like `begin_write`, for a response whose origin request was sent under `generation`
+    /// (from `purge_generation`): a purge between that request and the commit refuses it, so
+    /// content fetched before a purge is never stored after it.
+    pub fn begin_write_since(&self, key: VariantKey, entry: Entry, generation: u64) -> BodyWriter {
         BodyWriter {
-            generation: self.shared().generation.load(Ordering::SeqCst),
+            generation,
             store: self.clone(),
             key,
             entry,

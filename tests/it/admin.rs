@@ -365,3 +365,49 @@ async fn dump_works_while_running_and_after_stop() {
     assert_eq!(code, 0, "{err}");
     check(&out);
 }
+
+// Purge consistency: a fetch that was in flight when the purge came is neither stored over it
+// (/racing) nor handed to a request that arrives after it (/joining).
+#[actix_web::test]
+async fn fetch_in_flight_during_purge_is_not_stored_or_shared() {
+    let origin = TestOrigin::start().await;
+    for path in ["/racing", "/joining"] {
+        origin.route(path, |_, n| {
+            Reply::ok(format!("version {n}"))
+                .header("cache-control", "max-age=600")
+                .delay(Duration::from_millis(500))
+        });
+    }
+    let proxy = TestProxy::start_with(&origin, WITH_TOKEN).await;
+    let host = proxy.addr.to_string();
+    let in_flight = |path: &str| {
+        let url = proxy.url(path);
+        actix_web::rt::spawn(async move { get(&url, &[]).await })
+    };
+
+    let racing = in_flight("/racing");
+    let joining = in_flight("/joining");
+    actix_web::rt::time::sleep(Duration::from_millis(150)).await;
+    let r = purge(&proxy, &format!("{{\"prefix\":\"http://{host}/\"}}")).await;
+    assert_eq!(r.status, 200);
+
+    // Arrives after the purge: must not join the fetch that began before it.
+    let after = get(&proxy.url("/joining"), &[]).await;
+    assert_eq!(after.text(), "version 2");
+    assert!(
+        !after.cache_status().contains("collapsed"),
+        "{}",
+        after.cache_status()
+    );
+    assert_eq!(joining.await.unwrap().text(), "version 1");
+
+    // The pre-purge fetch still answers its own client, but is not stored.
+    assert_eq!(racing.await.unwrap().text(), "version 1");
+    let next = get(&proxy.url("/racing"), &[]).await;
+    assert!(
+        next.cache_status().contains("fwd=miss"),
+        "pre-purge response was stored: {}",
+        next.cache_status()
+    );
+    assert_eq!(next.text(), "version 2");
+}
