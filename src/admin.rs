@@ -216,6 +216,13 @@ async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
     let body = serde_json::json!({
         "entries": s.entries,
         "body_bytes": s.body_bytes,
+        "body_files": s.body_files,
+        "body_file_bytes": s.body_file_bytes,
+        "record_bytes": s.record_bytes,
+        "usage_bytes": s.record_bytes + s.body_file_bytes,
+        "evictions": s.evictions,
+        "dropped_records": s.dropped_records,
+        "damaged_bodies": s.damaged_bodies,
     });
     HttpResponse::Ok().json(body)
 }

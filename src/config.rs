@@ -81,6 +81,8 @@ pub struct RawStorage {
     pub max_size: Option<String>,
     pub max_object_size: Option<String>,
     pub memory_cache: Option<String>,
+    pub sweep_interval: Option<String>,
+    pub keep_revalidatable: Option<String>,
 }
 
 /// `[cache]`: the caching rules an operator may tune.
@@ -170,6 +172,8 @@ pub struct StorageConfig {
     pub max_object_size: u64,
     /// sled's page cache, which holds hot records and inline bodies in memory.
     pub memory_cache: u64,
+    /// Expiry sweeping.
+    pub sweep: crate::maintenance::SweepConfig,
 }
 
 /// The admin listener.
@@ -309,6 +313,16 @@ impl Config {
             Some(s) => parse_bytes(s).map_err(|m| bad("storage.memory_cache", m))?,
             None => 64 << 20,
         };
+        let sweep = crate::maintenance::SweepConfig {
+            interval: duration_or(&raw.storage.sweep_interval, "60s")
+                .map_err(|m| bad("storage.sweep_interval", m))?,
+            keep_revalidatable: duration_or(&raw.storage.keep_revalidatable, "1d")
+                .map_err(|m| bad("storage.keep_revalidatable", m))?,
+            batch: 256,
+        };
+        if sweep.interval.is_zero() {
+            return Err(bad("storage.sweep_interval", "must be more than 0".into()));
+        }
         let storage = StorageConfig {
             path: raw
                 .storage
@@ -318,6 +332,7 @@ impl Config {
             max_size,
             max_object_size,
             memory_cache,
+            sweep,
         };
         if storage.path.as_os_str().is_empty() {
             return Err(bad("storage.path", "must not be empty".into()));

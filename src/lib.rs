@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod dump;
 pub mod key;
+pub mod maintenance;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub background_refreshes: IntCounter,
     /// Stale responses served because the origin failed (stale-if-error).
     pub stale_served: IntCounter,
+    /// Responses that could not be stored because of a disk or database error.
+    pub store_write_errors: IntCounter,
 }
 
 impl Metrics {
@@ -43,7 +45,12 @@ impl Metrics {
             "larder_stale_if_error_served_total",
             "Stale responses served because the origin failed",
         );
+        let store_write_errors = counter(
+            "larder_store_write_errors_total",
+            "Responses not stored because of a disk or database error",
+        );
         for c in [
+            &store_write_errors,
             &origin_requests,
             &coalesced_waits,
             &background_refreshes,
@@ -63,6 +70,7 @@ impl Metrics {
             coalesced_waits,
             background_refreshes,
             stale_served,
+            store_write_errors,
         }
     }
 

@@ -9,6 +9,7 @@ use actix_web::{App, HttpServer, web};
 use crate::admin;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::maintenance::Maintenance;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Flights, ProxyState};
 use crate::store::{Store, StoreOptions};
@@ -36,6 +37,7 @@ pub enum StartError {
 
 /// A started server: both listeners bound, not yet serving until `run` is awaited.
 pub struct Larder {
+    maintenance: Maintenance,
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     proxy: Server,
@@ -69,6 +71,7 @@ impl Larder {
         }
         let store_options = StoreOptions {
             cache_capacity: config.storage.memory_cache,
+            max_size: Some(config.storage.max_size),
             ..StoreOptions::default()
         };
         let store = Store::open(&config.storage.path, store_options).map_err(|source| {
@@ -146,7 +149,9 @@ impl Larder {
         })?
         .run();
 
+        let maintenance = Maintenance::start(store.clone(), clock, config.storage.sweep.clone());
         Ok(Larder {
+            maintenance,
             proxy_addr,
             admin_addr,
             proxy,
@@ -178,6 +183,7 @@ impl Larder {
     pub async fn run(self) -> std::io::Result<()> {
         tracing::info!(proxy = %self.proxy_addr, admin = %self.admin_addr, "larder ready");
         let (proxy, admin) = tokio::join!(self.proxy, self.admin);
+        drop(self.maintenance);
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "final store flush failed");
         }

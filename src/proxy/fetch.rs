@@ -14,7 +14,7 @@ use super::respond::{self, CacheStatus};
 use super::{ProxyState, RequestCtx, select_variant};
 use crate::key::{PrimaryKey, VariantKey};
 use crate::policy::{self, HeaderList, Storable, Vary};
-use crate::store::{BodyInfo, BodyWriter, Entry};
+use crate::store::{BodyInfo, BodyWriter, Entry, StoreError};
 use crate::upstream::{Upstream, UpstreamBody, UpstreamError, UpstreamResponse};
 
 /// Request fields a cache fetch must not forward: the client's own conditionals and ranges
@@ -75,7 +75,14 @@ pub(crate) async fn pass(
     let length = content_length(&resp.headers);
     let builder = respond::from_origin_head(resp.status, &resp.headers, &cache_status);
     let (tx, rx) = mpsc::channel(CLIENT_CHANNEL_CHUNKS);
-    actix_web::rt::spawn(tee(resp.body, None, Sink::Client(tx), length, u64::MAX));
+    actix_web::rt::spawn(tee(
+        resp.body,
+        None,
+        Sink::Client(tx),
+        length,
+        u64::MAX,
+        None,
+    ));
     finish_body(
         builder,
         ctx.is_head,
@@ -507,7 +514,16 @@ async fn deliver(
         vary_values,
         solo_body: Mutex::new(solo_body),
     })));
-    tee(resp.body, writer, sink, length, state.max_object_size).await;
+    let errors = state.metrics.store_write_errors.clone();
+    tee(
+        resp.body,
+        writer,
+        sink,
+        length,
+        state.max_object_size,
+        Some(errors),
+    )
+    .await;
 }
 
 /// Where the body goes besides the store: one client's channel, or a flight's shared buffer.
@@ -550,6 +566,7 @@ async fn tee(
     mut sink: Sink,
     expected_len: Option<u64>,
     max_object_size: u64,
+    store_errors: Option<prometheus::IntCounter>,
 ) {
     let mut readers = true;
     let mut held: Option<Bytes> = None;
@@ -565,7 +582,7 @@ async fn tee(
                     && let Err(e) = w.write(&chunk).await
                 {
                     // A disk problem costs the cache entry, never the client's response.
-                    tracing::warn!(error = %e, "store write failed; passing through");
+                    store_failed(&e, store_errors.as_ref());
                     writer = None;
                 }
                 if let Some(prev) = held.replace(chunk)
@@ -593,7 +610,7 @@ async fn tee(
     if let Some(w) = writer
         && let Err(e) = w.commit(expected_len).await
     {
-        tracing::warn!(error = %e, "response not stored");
+        store_failed(&e, store_errors.as_ref());
         if expected_len.is_some_and(|n| n != received) {
             // The origin closed before its Content-Length: readers must not see a clean end.
             sink.fail("origin body shorter than Content-Length".into())
@@ -607,6 +624,35 @@ async fn tee(
         sink.send(last).await;
     }
     sink.end();
+}
+
+/// Counts a failed store write and logs it; disk and database faults (a full or read-only
+/// disk) are logged at most once a minute, since they repeat on every miss until fixed.
+fn store_failed(e: &StoreError, errors: Option<&prometheus::IntCounter>) {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+    // Seconds since the first failure, +1 so that 0 means "never logged".
+    static FIRST: OnceLock<Instant> = OnceLock::new();
+    static LAST_LOGGED: AtomicU64 = AtomicU64::new(0);
+    match e {
+        StoreError::Io { .. } | StoreError::Db(_) => {
+            if let Some(c) = errors {
+                c.inc();
+            }
+            let now = FIRST.get_or_init(Instant::now).elapsed().as_secs() + 1;
+            let last = LAST_LOGGED.load(Ordering::Relaxed);
+            if (last == 0 || now >= last + 60)
+                && LAST_LOGGED
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::error!(error = %e, "cannot store responses (passing them through); repeats are not logged for a minute");
+            }
+        }
+        // Expected outcomes: a purge raced the fetch, the origin cut the body short, ...
+        other => tracing::debug!(error = %other, "response not stored"),
+    }
 }
 
 /// Attaches the body with the right framing: the origin's length when known, nothing for

@@ -78,6 +78,8 @@ pub(crate) async fn from_store(
     entry: &Entry,
     status: CacheStatus,
 ) -> Option<HttpResponse> {
+    // Every use of a stored response counts for the eviction order (memory only).
+    state.store.touch(key, ctx.now);
     let age = policy::age_seconds(&entry.freshness, ctx.now);
     // RFC 9110 §13.2.2: a cache answers the client's own conditionals from the stored response.
     if policy::evaluate_conditional(&ctx.method, &ctx.headers, entry.status, &entry.headers)

@@ -35,6 +35,9 @@ const STAT_ENTRIES: &[u8] = b"stat.entries";
 const STAT_BODY_BYTES: &[u8] = b"stat.body_bytes";
 const STAT_FILES: &[u8] = b"stat.files";
 const STAT_FILE_BYTES: &[u8] = b"stat.file_bytes";
+/// Sum of the encoded record sizes (inline bodies included): with the body files, the bytes
+/// the cache holds, which eviction keeps under `max_size`.
+const STAT_RECORD_BYTES: &[u8] = b"stat.record_bytes";
 
 fn db_err(e: sled::Error) -> StoreError {
     StoreError::Db(Box::new(e))
@@ -56,11 +59,15 @@ pub(super) struct Index {
     expiry: Tree,
     refs: Tree,
     meta: Tree,
+    /// key → last access (ms, big-endian): where the key's row sits in `lru` (schema v2).
+    access: Tree,
+    /// last access ms ‖ key → (): least recently used first (schema v2).
+    lru: Tree,
     /// Records dropped because they did not decode, since open.
     dropped: AtomicU64,
 }
 
-/// The six trees inside one transaction.
+/// The eight trees inside one transaction.
 struct Tx<'a> {
     e: &'a TransactionalTree,
     u: &'a TransactionalTree,
@@ -68,6 +75,8 @@ struct Tx<'a> {
     x: &'a TransactionalTree,
     r: &'a TransactionalTree,
     m: &'a TransactionalTree,
+    a: &'a TransactionalTree,
+    l: &'a TransactionalTree,
 }
 
 type TxResult<T> = ConflictableTransactionResult<T, StoreError>;
@@ -124,6 +133,8 @@ fn try_open(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
             expiry: db.open_tree("expiry")?,
             refs: db.open_tree("bodyrefs")?,
             meta: db.open_tree("meta")?,
+            access: db.open_tree("access")?,
+            lru: db.open_tree("lru")?,
             db,
             dropped: AtomicU64::new(0),
         };
@@ -239,6 +250,21 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Puts `key` at `ms` in the access order (a new or replaced entry counts as just used).
+    fn insert_access(&self, key: &VariantKey, ms: u64) -> TxResult<()> {
+        self.remove_access(key)?;
+        self.a.insert(&key.as_bytes()[..], &ms.to_be_bytes()[..])?;
+        self.l.insert(expiry_row(ms, key), EMPTY)?;
+        Ok(())
+    }
+
+    fn remove_access(&self, key: &VariantKey) -> TxResult<()> {
+        if let Some(old) = self.a.remove(&key.as_bytes()[..])? {
+            self.l.remove(expiry_row(be_u64(&old), key))?;
+        }
+        Ok(())
+    }
+
     fn bump(&self, stat: &[u8], delta: i64) -> TxResult<()> {
         let cur = self.m.get(stat)?.map_or(0, |v| be_u64(&v));
         let next = cur.saturating_add_signed(delta);
@@ -288,6 +314,7 @@ impl Tx<'_> {
         deltas: &mut Vec<([u8; 32], u64, i64)>,
     ) -> TxResult<()> {
         self.remove_rows(key, old)?;
+        self.remove_access(key)?;
         self.bump(STAT_BODY_BYTES, -(old.body.len as i64))?;
         if is_file(old) {
             deltas.push((old.body.blake3, old.body.len, -1));
@@ -312,8 +339,21 @@ impl Index {
             &self.expiry,
             &self.refs,
             &self.meta,
+            &self.access,
+            &self.lru,
         )
-            .transaction(|(e, u, t, x, r, m)| f(&Tx { e, u, t, x, r, m }))
+            .transaction(|(e, u, t, x, r, m, a, l)| {
+                f(&Tx {
+                    e,
+                    u,
+                    t,
+                    x,
+                    r,
+                    m,
+                    a,
+                    l,
+                })
+            })
             .map_err(tx_err)
     }
 
@@ -345,11 +385,13 @@ impl Index {
         key: &VariantKey,
         record: &[u8],
         new: &Entry,
+        access_stamp: u64,
     ) -> Result<Vec<[u8; 32]>, StoreError> {
         self.txn(|tx| {
             let mut deltas = Vec::with_capacity(2);
             match tx.e.get(key.as_bytes())? {
                 Some(old) => {
+                    tx.bump(STAT_RECORD_BYTES, -(old.len() as i64))?;
                     // An old record that no longer decodes keeps its rows until a scan heals them,
                     // and its body reference leaks until an orphan sweep: nothing wrong is served.
                     if let Ok(old) = decode_entry(&old) {
@@ -358,6 +400,8 @@ impl Index {
                 }
                 None => tx.bump(STAT_ENTRIES, 1)?,
             }
+            tx.bump(STAT_RECORD_BYTES, record.len() as i64)?;
+            tx.insert_access(key, access_stamp)?;
             tx.insert_rows(key, new)?;
             tx.bump(STAT_BODY_BYTES, new.body.len as i64)?;
             if is_file(new) {
@@ -382,12 +426,15 @@ impl Index {
                 return Ok(None);
             };
             let mut deltas = Vec::with_capacity(1);
+            let record_len = old.len() as i64;
             if let Ok(old) = decode_entry(&old) {
                 if only_if_body.is_some_and(|h| *h != old.body.blake3) {
                     return Ok(None);
                 }
                 tx.release(key, &old, &mut deltas)?;
             }
+            tx.remove_access(key)?;
+            tx.bump(STAT_RECORD_BYTES, -record_len)?;
             tx.bump(STAT_ENTRIES, -1)?;
             tx.e.remove(&key.as_bytes()[..])?;
             Ok(Some(tx.apply_refs(&deltas)?))
@@ -418,7 +465,9 @@ impl Index {
             };
             tx.remove_rows(key, &old)?;
             tx.insert_rows(key, &new)?;
-            tx.e.insert(&key.as_bytes()[..], record)?;
+            if let Some(prev) = tx.e.insert(&key.as_bytes()[..], record.as_slice())? {
+                tx.bump(STAT_RECORD_BYTES, record.len() as i64 - prev.len() as i64)?;
+            }
             Ok(Found::Done(()))
         })?;
         match found {
@@ -454,6 +503,8 @@ impl Index {
                 && decode_entry(&bytes).is_err()
             {
                 tx.e.remove(&key.as_bytes()[..])?;
+                tx.remove_access(key)?;
+                tx.bump(STAT_RECORD_BYTES, -(bytes.len() as i64))?;
                 tx.bump(STAT_ENTRIES, -1)?;
             }
             Ok(())
@@ -596,6 +647,74 @@ impl Index {
             .map_or(0, |v| be_u64(&v)))
     }
 
+    /// Moves each key that still exists to its new access time (never backwards). One
+    /// transaction per batch: the access order is persisted lazily, off the hit path.
+    pub(super) fn touch(&self, touches: &[(VariantKey, u64)]) -> Result<(), StoreError> {
+        (&self.access, &self.lru)
+            .transaction(|(a, l)| {
+                for (key, ms) in touches {
+                    let Some(old) = a.get(key.as_bytes())? else {
+                        continue;
+                    };
+                    let old = be_u64(&old);
+                    if *ms > old {
+                        l.remove(expiry_row(old, key))?;
+                        l.insert(expiry_row(*ms, key), EMPTY)?;
+                        a.insert(&key.as_bytes()[..], &ms.to_be_bytes()[..])?;
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_err)
+    }
+
+    /// The newest access stamp recorded (0 for an empty store): where stamps resume after a restart.
+    pub(super) fn newest_access_stamp(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .lru
+            .last()
+            .map_err(db_err)?
+            .map_or(0, |(row, _)| row.get(..8).map_or(0, be_u64)))
+    }
+
+    /// Up to `limit` keys, least recently used first.
+    pub(super) fn least_recently_used(&self, limit: usize) -> Result<Vec<VariantKey>, StoreError> {
+        let mut keys = Vec::with_capacity(limit);
+        for row in self.lru.iter().keys().take(limit) {
+            let row = row.map_err(db_err)?;
+            if let Some(key) = row.get(8..).and_then(VariantKey::from_bytes) {
+                keys.push(key);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Schema v1 → v2: gives every entry an access-order position (its stored time) and
+    /// computes the record-bytes counter. Idempotent, so an interrupted run can repeat.
+    pub(super) fn seed_access_order(&self) -> Result<(), StoreError> {
+        let mut record_bytes = 0u64;
+        for item in self.entries.iter() {
+            let (k, v) = item.map_err(db_err)?;
+            record_bytes += v.len() as u64;
+            let (Some(key), Ok(entry)) = (VariantKey::from_bytes(&k), decode_entry(&v)) else {
+                continue;
+            };
+            let ms = time_to_ms(entry.stored_at);
+            if self.access.get(&k).map_err(db_err)?.is_none() {
+                self.access
+                    .insert(&k, &ms.to_be_bytes()[..])
+                    .map_err(db_err)?;
+                self.lru
+                    .insert(expiry_row(ms, &key), EMPTY)
+                    .map_err(db_err)?;
+            }
+        }
+        self.meta
+            .insert(STAT_RECORD_BYTES, &record_bytes.to_be_bytes()[..])
+            .map_err(db_err)?;
+        self.flush()
+    }
+
     /// The persistent counters.
     pub(super) fn stats(&self) -> Result<StoreStats, StoreError> {
         let get = |k: &[u8]| -> Result<u64, StoreError> {
@@ -606,6 +725,7 @@ impl Index {
             body_bytes: get(STAT_BODY_BYTES)?,
             body_files: get(STAT_FILES)?,
             body_file_bytes: get(STAT_FILE_BYTES)?,
+            record_bytes: get(STAT_RECORD_BYTES)?,
             dropped_records: self.dropped.load(Ordering::Relaxed),
             ..StoreStats::default()
         })

@@ -10,13 +10,17 @@ use super::StoreError;
 use super::index::Index;
 
 /// The schema version this code writes.
-pub const CURRENT_SCHEMA: u32 = 1;
+pub const CURRENT_SCHEMA: u32 = 2;
 
 /// One upgrade step: rewrites a store of version `n` into version `n + 1`.
 type Step = fn(&Index) -> Result<(), StoreError>;
 
-/// `STEPS[i]` upgrades version `i + 1` to `i + 2`. Empty: v1 is the first version.
-const STEPS: &[Step] = &[];
+/// `STEPS[i]` upgrades version `i + 1` to `i + 2`.
+const STEPS: &[Step] = &[
+    // v1 → v2: the access order (eviction) and the record-bytes counter; see
+    // migrations/0002-access-order.md. A one-time scan of the entries.
+    Index::seed_access_order,
+];
 
 /// Makes the store at `path` current: records the version of a new store, upgrades an older one,
 /// refuses a newer one.

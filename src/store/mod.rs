@@ -20,8 +20,9 @@ mod format;
 mod index;
 mod migrate;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -52,6 +53,9 @@ pub struct StoreOptions {
     /// How often the store flushes sled to disk and unlinks released body files; `None` = only on
     /// [`Store::flush`] and close. Default `Some(500)`.
     pub flush_every_ms: Option<u64>,
+    /// Bound on [`Store::usage`]; past it, least recently used entries are evicted down to
+    /// [`EVICT_TO_PERCENT`] of it. `None` = unbounded. Default `None`.
+    pub max_size: Option<u64>,
 }
 
 impl Default for StoreOptions {
@@ -60,9 +64,18 @@ impl Default for StoreOptions {
             inline_max: 16 * 1024,
             cache_capacity: 64 * 1024 * 1024,
             flush_every_ms: Some(500),
+            max_size: None,
         }
     }
 }
+
+/// Eviction's low-water mark: evicting in one batch down to this share of `max_size` keeps
+/// it from running on every write once the cache is full.
+pub const EVICT_TO_PERCENT: u64 = 90;
+
+/// Touches buffered in memory before older ones are dropped (the order is a hint; losing a
+/// few under extreme load only makes eviction slightly less precise).
+const MAX_PENDING_TOUCHES: usize = 100_000;
 
 /// One stored response (one variant of one URL).
 #[derive(Clone, Debug, PartialEq)]
@@ -112,6 +125,10 @@ pub struct StoreStats {
     pub dropped_records: u64,
     /// Entries dropped since open because their body was damaged or missing.
     pub damaged_bodies: u64,
+    /// Bytes of all encoded records (headers, metadata, inline bodies).
+    pub record_bytes: u64,
+    /// Entries evicted since open to stay under `max_size`.
+    pub evictions: u64,
 }
 
 /// A handle to an open store. Cheap to clone; all clones share one database. Send + Sync.
@@ -135,6 +152,15 @@ struct Flusher {
 }
 
 struct Shared {
+    /// Accesses since the last persist: key → access stamp. Hits only write here.
+    touches: Mutex<HashMap<VariantKey, u64>>,
+    /// The last access stamp handed out: wall-clock ms, but strictly increasing, so that two
+    /// uses in the same millisecond (or under a stopped clock) still order by recency.
+    stamp: AtomicU64,
+    max_size: Option<u64>,
+    evictions: AtomicU64,
+    /// Set by a commit that left the store over `max_size`; the flusher thread evicts.
+    over_budget: AtomicBool,
     dir: PathBuf,
     cache_capacity: u64,
     index: Index,
@@ -185,6 +211,7 @@ impl Store {
         migrate::prepare(&index, dir)?;
         // Only now that we hold the database lock is it safe to clear another run's temp files.
         let bodies = Bodies::open(&dir.join("bodies"))?;
+        let newest_stamp = index.newest_access_stamp()?;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             cache_capacity: opts.cache_capacity,
@@ -196,6 +223,11 @@ impl Store {
             released: Mutex::new(Vec::new()),
             damaged: AtomicU64::new(0),
             quarantined,
+            touches: Mutex::new(HashMap::new()),
+            stamp: AtomicU64::new(newest_stamp),
+            max_size: opts.max_size,
+            evictions: AtomicU64::new(0),
+            over_budget: AtomicBool::new(false),
         });
         let flusher = opts
             .flush_every_ms
@@ -456,7 +488,48 @@ impl Store {
             StoreStats::default()
         });
         stats.damaged_bodies = s.damaged.load(Ordering::Relaxed);
+        stats.evictions = s.evictions.load(Ordering::Relaxed);
         stats
+    }
+
+    /// A commit that leaves the store over `max_size` wakes the flusher thread to evict (or
+    /// evicts right here when there is no such thread), so the bound holds within one batch.
+    fn after_commit(&self) {
+        let s = self.shared();
+        let Some(max) = s.max_size else { return };
+        if s.usage() <= max {
+            return;
+        }
+        match &self.inner.flusher {
+            Some(f) => {
+                s.over_budget.store(true, Ordering::SeqCst);
+                let _guard = lock(&f.stop.0);
+                f.stop.1.notify_all();
+            }
+            None => s.evict_if_over(),
+        }
+    }
+
+    /// Notes that `key` was used at `now`, for the eviction order. Memory only: the order is
+    /// persisted in batches by the flusher thread, so a hit never waits on a disk write.
+    pub fn touch(&self, key: &VariantKey, now: SystemTime) {
+        let s = self.shared();
+        let stamp = s.next_stamp(format::time_to_ms(now));
+        let mut touches = lock(&s.touches);
+        if touches.len() < MAX_PENDING_TOUCHES || touches.contains_key(key) {
+            touches.insert(*key, stamp);
+        }
+    }
+
+    /// Bytes the cache holds: every record (inline bodies included) plus every distinct body
+    /// file. This is what `max_size` bounds; sled's own log overhead comes on top.
+    pub fn usage(&self) -> u64 {
+        self.shared().usage()
+    }
+
+    /// Evicts least recently used entries until `usage() <= target`; returns how many went.
+    pub fn evict_to(&self, target: u64) -> Result<u64, StoreError> {
+        self.shared().evict_to(target)
     }
 
     /// Makes every change so far durable (sled `flush_async`), then unlinks body files released
@@ -495,6 +568,70 @@ impl Store {
 }
 
 impl Shared {
+    fn next_stamp(&self, now_ms: u64) -> u64 {
+        let prev = self
+            .stamp
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
+                Some(now_ms.max(p.saturating_add(1)))
+            })
+            .unwrap_or(0);
+        now_ms.max(prev.saturating_add(1))
+    }
+
+    fn usage(&self) -> u64 {
+        self.index
+            .stats()
+            .map_or(0, |s| s.record_bytes + s.body_file_bytes)
+    }
+
+    /// Writes the buffered touches into the access order, in one transaction.
+    fn persist_touches(&self) -> Result<(), StoreError> {
+        let touches: Vec<(VariantKey, u64)> = lock(&self.touches).drain().collect();
+        if touches.is_empty() {
+            return Ok(());
+        }
+        self.index.touch(&touches)
+    }
+
+    fn evict_to(&self, target: u64) -> Result<u64, StoreError> {
+        // Recent hits must count before choosing victims.
+        self.persist_touches()?;
+        let mut evicted = 0;
+        while self.usage() > target {
+            let victims = self.index.least_recently_used(64)?;
+            if victims.is_empty() {
+                break;
+            }
+            for key in victims {
+                if self.remove_entry(&key, None)? {
+                    evicted += 1;
+                }
+                if self.usage() <= target {
+                    break;
+                }
+            }
+        }
+        self.evictions.fetch_add(evicted, Ordering::Relaxed);
+        Ok(evicted)
+    }
+
+    /// Evicts down to the low-water mark if the store is over `max_size`.
+    fn evict_if_over(&self) {
+        self.over_budget.store(false, Ordering::SeqCst);
+        let Some(max) = self.max_size else { return };
+        if self.usage() <= max {
+            return;
+        }
+        match self.evict_to(max / 100 * EVICT_TO_PERCENT) {
+            Ok(n) => tracing::debug!(
+                evicted = n,
+                usage = self.usage(),
+                "evicted to stay under max_size"
+            ),
+            Err(e) => tracing::error!(error = %e, "eviction failed"),
+        }
+    }
+
     fn bump_generation(&self) {
         let _exclusive = self.purge_lock.write().unwrap_or_else(|e| e.into_inner());
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -553,7 +690,8 @@ impl Shared {
         if let Some(temp) = temp {
             self.bodies.install(temp, &entry.body.blake3)?;
         }
-        match self.index.commit(key, record, entry) {
+        let stamp = self.next_stamp(format::time_to_ms(entry.stored_at));
+        match self.index.commit(key, record, entry, stamp) {
             Ok(freed) => {
                 released.extend(freed);
                 Ok(())
@@ -629,11 +767,17 @@ impl Flusher {
                     {
                         let guard = lock(stopped);
                         let (guard, _) = wake
-                            .wait_timeout_while(guard, every, |stop| !*stop)
+                            .wait_timeout_while(guard, every, |stop| {
+                                !*stop && !shared.over_budget.load(Ordering::SeqCst)
+                            })
                             .unwrap_or_else(|e| e.into_inner());
                         if *guard {
                             return;
                         }
+                    }
+                    shared.evict_if_over();
+                    if let Err(e) = shared.persist_touches() {
+                        tracing::warn!(error = %e, "cannot persist the access order");
                     }
                     if let Err(e) = shared.flush_and_unlink() {
                         tracing::error!(error = %e, "store background flush failed");
@@ -778,6 +922,7 @@ impl BodyWriter {
         store
             .shared()
             .install_and_index(&key, &entry, &record, temp, generation)?;
+        store.after_commit();
         Ok(entry)
     }
 }
