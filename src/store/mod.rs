@@ -536,6 +536,7 @@ impl Store {
     /// before it.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let s = self.shared();
+        s.persist_touches()?;
         let mut released = Released {
             shared: s,
             hashes: std::mem::take(&mut *lock(&s.released)),
@@ -727,8 +728,11 @@ impl Shared {
         }
     }
 
-    /// Flushes sled, then unlinks the files released before the flush.
+    /// Persists buffered accesses, flushes sled, then unlinks the files released before the flush.
     fn flush_and_unlink(&self) -> Result<(), StoreError> {
+        if let Err(e) = self.persist_touches() {
+            tracing::warn!(error = %e, "cannot persist the access order");
+        }
         let mut released = Released {
             shared: self,
             hashes: std::mem::take(&mut *lock(&self.released)),
@@ -776,9 +780,6 @@ impl Flusher {
                         }
                     }
                     shared.evict_if_over();
-                    if let Err(e) = shared.persist_touches() {
-                        tracing::warn!(error = %e, "cannot persist the access order");
-                    }
                     if let Err(e) = shared.flush_and_unlink() {
                         tracing::error!(error = %e, "store background flush failed");
                     }

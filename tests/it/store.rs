@@ -963,3 +963,30 @@ async fn entries_survive_kill_9_with_verified_bodies() {
     }
     assert!(seen > 0, "the writer never got an entry to disk");
 }
+
+// The access order survives a restart: an entry used before a graceful close is still the
+// most recently used after reopening, so eviction takes the others first.
+#[tokio::test]
+async fn access_order_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<VariantKey> = (0..3).map(|i| key(&format!("http://x/o{i}")).1).collect();
+    {
+        let store = open(dir.path());
+        for (i, k) in keys.iter().enumerate() {
+            let url = format!("http://x/o{i}");
+            put(&store, *k, entry(&url, &[]), b"body").await;
+        }
+        // o0 was stored first but used last.
+        store.touch(&keys[0], at(2_000_000));
+    }
+    let store = open(dir.path());
+    let usage = store.usage();
+    // Evict down to about one entry: the two least recently used go, o0 stays.
+    store.evict_to(usage / 3).unwrap();
+    assert!(
+        store.get(&keys[0]).unwrap().is_some(),
+        "the recently used entry was evicted"
+    );
+    assert!(store.get(&keys[1]).unwrap().is_none());
+    assert!(store.get(&keys[2]).unwrap().is_none());
+}

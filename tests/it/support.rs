@@ -154,6 +154,15 @@ impl TestOrigin {
             .insert(path.to_string(), Arc::new(f));
     }
 
+    /// Scripts every path starting with `prefix` (checked when no exact route matches).
+    pub fn route_prefix(
+        &self,
+        prefix: &str,
+        f: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static,
+    ) {
+        self.route(&format!("{prefix}*"), f);
+    }
+
     /// Scripts `path` to always give `reply`.
     pub fn fixed(&self, path: &str, reply: Reply) {
         self.route(path, move |_, _| reply.clone());
@@ -210,7 +219,15 @@ async fn origin_handler(
         all.push(seen.clone());
         all.iter().filter(|s| s.path == path).count()
     };
-    let script = state.routes.lock().unwrap().get(&path).cloned();
+    let script = {
+        let routes = state.routes.lock().unwrap();
+        routes.get(&path).cloned().or_else(|| {
+            routes
+                .iter()
+                .find(|(k, _)| k.ends_with('*') && path.starts_with(&k[..k.len() - 1]))
+                .map(|(_, v)| v.clone())
+        })
+    };
     let Some(script) = script else {
         return HttpResponse::NotFound().body("no such route");
     };
