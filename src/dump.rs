@@ -95,11 +95,7 @@ pub fn dump_store(
 ) -> Result<u64, DumpError> {
     let mut written = 0u64;
     if format == DumpFormat::Table {
-        writeln!(
-            out,
-            "{:<6} {:<8} {:>10} {:<7} URL",
-            "STATUS", "STATE", "SIZE", "WHERE"
-        )?;
+        write_table_header(out)?;
     }
     for item in store.entries(prefix, tag) {
         if limit.is_some_and(|l| written >= l) {
@@ -177,11 +173,7 @@ pub async fn dump_via_admin(
         )));
     }
     if format == DumpFormat::Table {
-        writeln!(
-            out,
-            "{:<6} {:<8} {:>10} {:<7} URL",
-            "STATUS", "STATE", "SIZE", "WHERE"
-        )?;
+        write_table_header(out)?;
     }
     let mut written = 0u64;
     let mut pending: Vec<u8> = Vec::new();
@@ -200,6 +192,14 @@ pub async fn dump_via_admin(
     }
     out.flush()?;
     Ok(written)
+}
+
+fn write_table_header(out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<6} {:<8} {:>10} {:<7} URL",
+        "STATUS", "STATE", "SIZE", "WHERE"
+    )
 }
 
 fn write_json_line(out: &mut impl Write, format: DumpFormat, line: &[u8]) -> Result<(), DumpError> {
