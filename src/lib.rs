@@ -12,6 +12,7 @@ pub mod config;
 pub mod dump;
 pub mod key;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod server;
