@@ -38,7 +38,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(&config.log);
     actix_web::rt::System::new().block_on(async move {
         let larder = Larder::start(&config, Arc::new(SystemClock))?;
-        larder.run().await.context("server failed")
+        larder.run_until_signal().await.context("server failed")
     })
 }
 
