@@ -5,6 +5,7 @@ mod support;
 mod admin;
 mod cli;
 mod herd;
+mod ops;
 mod persistence;
 mod proxy;
 mod store;
