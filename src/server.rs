@@ -284,7 +284,7 @@ fn record_request<B: MessageBody>(response: &ServiceResponse<B>, started: Instan
         result,
         bytes,
         // Time until the response head; a streamed body may take longer.
-        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
         "request"
     );
 }
