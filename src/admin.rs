@@ -7,7 +7,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use serde::Deserialize;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::clock::Clock;
 use crate::dump::DumpLine;
@@ -16,11 +16,14 @@ use crate::metrics::{Metrics, StoreGauges};
 use crate::proxy::Flights;
 use crate::store::{Store, StoreError};
 
+/// The admin token, shared with the server handle so that a config reload can replace it.
+pub type AdminToken = Arc<RwLock<Option<String>>>;
+
 /// What the admin handlers share.
 pub struct AdminState {
     pub store: Store,
-    /// `None` means the API is open (allowed on loopback only).
-    pub token: Option<String>,
+    /// `None` means the API is open (allowed on loopback only). Replaced on SIGHUP reload.
+    pub token: AdminToken,
     /// `GET /metrics` answers without the token (`[admin] metrics_public`).
     pub metrics_public: bool,
     pub clock: Arc<dyn Clock>,
@@ -245,7 +248,9 @@ async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse
 
 /// `None` when the request may proceed; otherwise the 401 to send.
 fn check_token(req: &HttpRequest, state: &AdminState) -> Option<HttpResponse> {
-    let expected = state.token.as_deref()?;
+    // A poisoned lock still holds a whole token: a writer only ever swaps the Option.
+    let token = state.token.read().unwrap_or_else(|e| e.into_inner());
+    let expected = token.as_deref()?;
     let given = req
         .headers()
         .get(header::AUTHORIZATION)

@@ -1,7 +1,7 @@
 //! Opens the store, binds the proxy and admin listeners, runs both, and flushes the store on the way out.
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use std::time::Instant;
 
@@ -10,7 +10,7 @@ use actix_web::dev::{Server, ServerHandle, Service, ServiceResponse};
 use actix_web::http::{Method, header};
 use actix_web::{App, HttpServer, web};
 
-use crate::admin;
+use crate::admin::{self, AdminToken};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
@@ -45,17 +45,30 @@ pub struct Larder {
     admin_addr: SocketAddr,
     proxy: Server,
     admin: Server,
+    admin_token: AdminToken,
     store: Store,
 }
 
-/// Stops a running server from outside (tests, signal handling).
+/// Stops a running server from outside (tests, signal handling), or changes what a reload may.
 #[derive(Clone)]
 pub struct LarderHandle {
     proxy: ServerHandle,
     admin: ServerHandle,
+    admin_addr: SocketAddr,
+    admin_token: AdminToken,
 }
 
 impl LarderHandle {
+    /// Replaces the admin token (config reload). Refuses to drop the token of an admin API
+    /// that listens beyond loopback, as `start` would.
+    pub fn set_admin_token(&self, token: Option<String>) -> Result<(), StartError> {
+        if token.is_none() && !self.admin_addr.ip().is_loopback() {
+            return Err(StartError::AdminWithoutToken(self.admin_addr));
+        }
+        *self.admin_token.write().unwrap_or_else(|e| e.into_inner()) = token;
+        Ok(())
+    }
+
     /// Stops both listeners; `graceful` lets in-flight responses finish first.
     pub async fn stop(&self, graceful: bool) {
         // systemd then knows the stop is ours and waits (up to TimeoutStopSec) instead of
@@ -145,9 +158,10 @@ impl Larder {
         })?
         .run();
 
+        let admin_token: AdminToken = Arc::new(RwLock::new(config.admin.token.clone()));
         let admin_state = web::Data::new(admin::AdminState {
             store: store.clone(),
-            token: config.admin.token.clone(),
+            token: admin_token.clone(),
             metrics_public: config.admin.metrics_public,
             clock: clock.clone(),
             flights,
@@ -174,6 +188,7 @@ impl Larder {
             admin_addr,
             proxy,
             admin,
+            admin_token,
             store,
         })
     }
@@ -193,6 +208,8 @@ impl Larder {
         LarderHandle {
             proxy: self.proxy.handle(),
             admin: self.admin.handle(),
+            admin_addr: self.admin_addr,
+            admin_token: self.admin_token.clone(),
         }
     }
 
