@@ -524,8 +524,11 @@ fn systemd_unit_verifies() {
     ] {
         assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
     }
-    // No reload is implemented, so the unit must not pretend otherwise.
-    assert!(!unit.contains("ExecReload="));
+    // SIGHUP reloads the token and log level (sighup_reloads_token_and_log_level).
+    assert!(
+        unit.lines()
+            .any(|l| l == "ExecReload=/bin/kill -HUP $MAINPID")
+    );
 
     let Ok(probe) = Command::new("systemd-analyze").arg("--version").output() else {
         eprintln!("skipping systemd_unit_verifies: systemd-analyze is not installed");
@@ -558,5 +561,93 @@ fn systemd_unit_verifies() {
         out.status.success() && ours.is_empty(),
         "systemd-analyze verify: {:?}\n{stderr}",
         out.status
+    );
+}
+
+// SIGHUP re-reads the config: the admin token and log level change without a restart, and
+// a config that no longer loads changes nothing.
+#[actix_web::test]
+async fn sighup_reloads_token_and_log_level() {
+    let origin = TestOrigin::start().await;
+    origin.fixed("/r", Reply::ok("r").header("cache-control", "max-age=600"));
+    let dir = tempfile::tempdir().unwrap();
+    let (p, a) = (
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let (proxy, admin) = (p.local_addr().unwrap(), a.local_addr().unwrap());
+    drop((p, a));
+    let config_path = dir.path().join("larder.toml");
+    let config = |token: &str, level: &str| {
+        format!(
+            "[server]\nlisten = \"{proxy}\"\n[origin]\nurl = \"{}\"\n[storage]\npath = \"{}\"\n\
+             [admin]\nlisten = \"{admin}\"\ntoken = \"{token}\"\n[log]\nlevel = \"{level}\"\n",
+            origin.url(),
+            dir.path().join("data").display()
+        )
+    };
+    std::fs::write(&config_path, config("first", "info")).unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_larder"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = Reaper(child);
+    let pid = child.0.id();
+    let stats = |token: &'static str| {
+        let url = format!("http://{admin}/stats");
+        async move {
+            let auth = format!("Bearer {token}");
+            get(&url, &[("authorization", auth.as_str())]).await.status
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(admin).is_err() {
+        assert!(Instant::now() < deadline, "larder did not start");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats("first").await, 200);
+    get(&format!("http://{proxy}/r"), HOST).await;
+
+    std::fs::write(&config_path, config("second", "warn")).unwrap();
+    kill(pid, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats("second").await != 200 {
+        assert!(Instant::now() < deadline, "new token not taken");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats("first").await, 401, "the old token is gone");
+    // At level warn the access log (info) is off.
+    get(&format!("http://{proxy}/r"), HOST).await;
+
+    std::fs::write(&config_path, "[server\nbroken").unwrap();
+    kill(pid, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap()
+        .contains("reload failed")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "bad config on reload not reported"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats("second").await, 200, "a bad config changes nothing");
+
+    kill(pid, "TERM");
+    let status = wait_with_timeout(&mut child.0, Duration::from_secs(30));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(log.contains("config reloaded"), "{log}");
+    let access = log.lines().filter(|l| l.contains("larder::access")).count();
+    assert_eq!(
+        access, 1,
+        "only the request before the reload to warn is logged: {log}"
     );
 }
