@@ -7,20 +7,25 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use serde::Deserialize;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::clock::Clock;
 use crate::dump::DumpLine;
 use crate::key::PrimaryKey;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreGauges};
 use crate::proxy::Flights;
 use crate::store::{Store, StoreError};
+
+/// The admin token, shared with the server handle so that a config reload can replace it.
+pub type AdminToken = Arc<RwLock<Option<String>>>;
 
 /// What the admin handlers share.
 pub struct AdminState {
     pub store: Store,
-    /// `None` means the API is open (allowed on loopback only).
-    pub token: Option<String>,
+    /// `None` means the API is open (allowed on loopback only). Replaced on SIGHUP reload.
+    pub token: AdminToken,
+    /// `GET /metrics` answers without the token (`[admin] metrics_public`).
+    pub metrics_public: bool,
     pub clock: Arc<dyn Clock>,
     /// The proxy's fetches in flight: a purge detaches them so none is reused after it.
     pub flights: Arc<Flights>,
@@ -135,6 +140,7 @@ async fn purge(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> H
     if let Err(e) = state.store.flush().await {
         return store_error(e);
     }
+    state.metrics.purged_entries.inc_by(purged as u64);
     tracing::info!(purged, soft, "purge");
     HttpResponse::Ok()
         .content_type("application/json")
@@ -228,17 +234,32 @@ async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
 }
 
 async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
-    if let Some(denied) = check_token(&req, &state) {
+    // A scraper that cannot hold secrets may be let in; the numbers reveal no URLs.
+    if !state.metrics_public
+        && let Some(denied) = check_token(&req, &state)
+    {
         return denied;
     }
+    let s = state.store.stats();
+    let gauges = StoreGauges {
+        entries: s.entries,
+        body_bytes: s.body_bytes,
+        body_file_bytes: s.body_file_bytes,
+        dropped_records: s.dropped_records,
+        damaged_bodies: s.damaged_bodies,
+        usage_bytes: s.record_bytes + s.body_file_bytes,
+        evictions: s.evictions,
+    };
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(state.metrics.render(gauges))
 }
 
 /// `None` when the request may proceed; otherwise the 401 to send.
 fn check_token(req: &HttpRequest, state: &AdminState) -> Option<HttpResponse> {
-    let expected = state.token.as_deref()?;
+    // A poisoned lock still holds a whole token: a writer only ever swaps the Option.
+    let token = state.token.read().unwrap_or_else(|e| e.into_inner());
+    let expected = token.as_deref()?;
     let given = req
         .headers()
         .get(header::AUTHORIZATION)

@@ -108,6 +108,7 @@ pub struct RawAdmin {
     pub listen: Option<String>,
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+    pub metrics_public: Option<bool>,
 }
 
 /// `[log]`
@@ -181,6 +182,8 @@ pub struct StorageConfig {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: Option<String>,
+    /// `GET /metrics` needs no token (for scrapers on a trusted network).
+    pub metrics_public: bool,
 }
 
 /// Logging.
@@ -416,6 +419,7 @@ impl Config {
         let admin = AdminConfig {
             listen: admin_listen,
             token,
+            metrics_public: raw.admin.metrics_public.unwrap_or(false),
         };
 
         let level = raw.log.level.clone().unwrap_or_else(|| "info".into());

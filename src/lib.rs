@@ -13,6 +13,7 @@ pub mod dump;
 pub mod key;
 pub mod maintenance;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod server;

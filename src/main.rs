@@ -1,5 +1,6 @@
 //! The `larder` binary: parses the command line, sets up logging, and runs `serve` or `dump`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use clap::Parser;
 use larder::cli::{Cli, Command, DumpArgs, ServeArgs};
 use larder::clock::{Clock, SystemClock};
 use larder::config::{Config, LogConfig, Overrides};
-use larder::server::Larder;
+use larder::server::{Larder, LarderHandle};
 use larder::store::{Store, StoreError, StoreOptions};
 
 fn main() -> ExitCode {
@@ -35,11 +36,55 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_listen: args.admin_listen,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
-    init_tracing(&config.log);
+    let set_level = init_tracing(&config.log);
     actix_web::rt::System::new().block_on(async move {
         let larder = Larder::start(&config, Arc::new(SystemClock))?;
-        larder.run().await.context("server failed")
+        reload_on_hangup(larder.handle(), args.config, overrides, set_level)
+            .context("cannot handle SIGHUP")?;
+        larder.run_until_signal().await.context("server failed")
     })
+}
+
+/// On SIGHUP, reads the config again and applies what can change while running: the log
+/// level and the admin token. Everything else (listeners, origin, storage, cache rules) is
+/// fixed at start and needs a restart. A config that does not load changes nothing.
+fn reload_on_hangup(
+    handle: LarderHandle,
+    path: Option<PathBuf>,
+    overrides: Overrides,
+    set_level: Option<SetLevel>,
+) -> std::io::Result<()> {
+    use actix_web::rt::signal::unix::{SignalKind, signal};
+    // Registered before READY=1 is sent, so an early `systemctl reload` is not fatal.
+    let mut hangup = signal(SignalKind::hangup())?;
+    actix_web::rt::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let config = match Config::load(path.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "reload failed; the running settings stay");
+                    continue;
+                }
+            };
+            if let Err(e) = handle.set_admin_token(config.admin.token.clone()) {
+                tracing::error!(error = %e, "reload failed; the running settings stay");
+                continue;
+            }
+            tracing::info!(
+                level = %config.log.level,
+                "config reloaded: admin token and log level (other settings need a restart)"
+            );
+            match &set_level {
+                Some(set) => {
+                    if let Err(e) = set(&config.log.level) {
+                        tracing::error!(error = %e, "log level not reloaded");
+                    }
+                }
+                None => tracing::warn!("RUST_LOG is set and wins over [log] level; not reloaded"),
+            }
+        }
+    });
+    Ok(())
 }
 
 fn dump(args: DumpArgs) -> anyhow::Result<()> {
@@ -94,18 +139,40 @@ fn dump(args: DumpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_tracing(log: &LogConfig) {
+/// Replaces the log filter of the running subscriber.
+type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Installs the subscriber; answers how to change its level later, or `None` when RUST_LOG
+/// fixed it.
+fn init_tracing(log: &LogConfig) -> Option<SetLevel> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     // RUST_LOG wins over the config so an operator can raise verbosity without editing files.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
-    use std::io::IsTerminal;
+    let (filter, from_env) = match EnvFilter::try_from_default_env() {
+        Ok(f) => (f, true),
+        Err(_) => (EnvFilter::new(&log.level), false),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    if log.json {
-        builder.json().init();
-    } else {
+    // The reload handle's type names the formatter, so each format gets its own closure.
+    let set: SetLevel = if log.json {
+        let builder = builder.json().with_filter_reloading();
+        let handle = builder.reload_handle();
         builder.init();
-    }
+        Box::new(move |level| {
+            let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        })
+    } else {
+        let builder = builder.with_filter_reloading();
+        let handle = builder.reload_handle();
+        builder.init();
+        Box::new(move |level| {
+            let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        })
+    };
+    (!from_env).then_some(set)
 }

@@ -1,16 +1,21 @@
 //! Opens the store, binds the proxy and admin listeners, runs both, and flushes the store on the way out.
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use actix_web::dev::{Server, ServerHandle};
+use std::time::Instant;
+
+use actix_web::body::{BodySize, MessageBody};
+use actix_web::dev::{Server, ServerHandle, Service, ServiceResponse};
+use actix_web::http::{Method, header};
 use actix_web::{App, HttpServer, web};
 
-use crate::admin;
+use crate::admin::{self, AdminToken};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::maintenance::Maintenance;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
+use crate::notify;
 use crate::proxy::{self, Flights, ProxyState};
 use crate::store::{Store, StoreOptions};
 use crate::upstream::Upstream;
@@ -42,19 +47,35 @@ pub struct Larder {
     admin_addr: SocketAddr,
     proxy: Server,
     admin: Server,
+    admin_token: AdminToken,
     store: Store,
 }
 
-/// Stops a running server from outside (tests, signal handling).
+/// Stops a running server from outside (tests, signal handling), or changes what a reload may.
 #[derive(Clone)]
 pub struct LarderHandle {
     proxy: ServerHandle,
     admin: ServerHandle,
+    admin_addr: SocketAddr,
+    admin_token: AdminToken,
 }
 
 impl LarderHandle {
+    /// Replaces the admin token (config reload). Refuses to drop the token of an admin API
+    /// that listens beyond loopback, as `start` would.
+    pub fn set_admin_token(&self, token: Option<String>) -> Result<(), StartError> {
+        if token.is_none() && !self.admin_addr.ip().is_loopback() {
+            return Err(StartError::AdminWithoutToken(self.admin_addr));
+        }
+        *self.admin_token.write().unwrap_or_else(|e| e.into_inner()) = token;
+        Ok(())
+    }
+
     /// Stops both listeners; `graceful` lets in-flight responses finish first.
     pub async fn stop(&self, graceful: bool) {
+        // systemd then knows the stop is ours and waits (up to TimeoutStopSec) instead of
+        // treating the coming exit as a crash.
+        notify::notify_or_warn("STOPPING=1");
         tokio::join!(self.proxy.stop(graceful), self.admin.stop(graceful));
     }
 }
@@ -110,6 +131,16 @@ impl Larder {
         let shutdown_secs = config.shutdown_timeout.as_secs();
         let proxy = HttpServer::new(move || {
             App::new()
+                // Outermost: sees the final response of every request, including errors.
+                .wrap_fn(|req, srv| {
+                    let started = Instant::now();
+                    let response = srv.call(req);
+                    async move {
+                        let response = response.await?;
+                        record_request(&response, started);
+                        Ok(response)
+                    }
+                })
                 .app_data(state.clone())
                 // One awc client per worker: it is not Send.
                 .app_data(web::Data::new(Upstream::new(&origin)))
@@ -119,6 +150,9 @@ impl Larder {
         })
         .workers(config.workers)
         .shutdown_timeout(shutdown_secs)
+        // Signals are ours (see `run_until_signal`): one graceful stop for both listeners,
+        // systemd notified, and a second signal that exits at once.
+        .disable_signals()
         .listen(proxy_listener)
         .map_err(|source| StartError::Bind {
             what: "proxy",
@@ -127,9 +161,11 @@ impl Larder {
         })?
         .run();
 
+        let admin_token: AdminToken = Arc::new(RwLock::new(config.admin.token.clone()));
         let admin_state = web::Data::new(admin::AdminState {
             store: store.clone(),
-            token: config.admin.token.clone(),
+            token: admin_token.clone(),
+            metrics_public: config.admin.metrics_public,
             clock: clock.clone(),
             flights,
             metrics,
@@ -141,6 +177,7 @@ impl Larder {
         })
         .workers(1)
         .shutdown_timeout(shutdown_secs)
+        .disable_signals()
         .listen(admin_listener)
         .map_err(|source| StartError::Bind {
             what: "admin",
@@ -156,6 +193,7 @@ impl Larder {
             admin_addr,
             proxy,
             admin,
+            admin_token,
             store,
         })
     }
@@ -175,19 +213,101 @@ impl Larder {
         LarderHandle {
             proxy: self.proxy.handle(),
             admin: self.admin.handle(),
+            admin_addr: self.admin_addr,
+            admin_token: self.admin_token.clone(),
         }
     }
 
-    /// Serves until both listeners stop (signal or handle), then flushes the store so that
-    /// everything stored before the stop is on disk.
+    /// Serves until both listeners stop (through a [`LarderHandle`]), then flushes the store so
+    /// that everything stored before the stop is on disk. Tells systemd READY=1 first (both
+    /// listeners are bound and the store is open by now) and pings its watchdog meanwhile.
     pub async fn run(self) -> std::io::Result<()> {
         tracing::info!(proxy = %self.proxy_addr, admin = %self.admin_addr, "larder ready");
+        notify::notify_or_warn("READY=1");
+        // The ping runs on the main runtime: it proves the process is scheduling, not that each
+        // worker is; a wedged main thread is the failure a restart can cure.
+        let watchdog = notify::watchdog_interval().map(|every| {
+            actix_web::rt::spawn(async move {
+                let mut ticks = actix_web::rt::time::interval(every);
+                loop {
+                    ticks.tick().await;
+                    notify::notify_or_warn("WATCHDOG=1");
+                }
+            })
+        });
         let (proxy, admin) = tokio::join!(self.proxy, self.admin);
         drop(self.maintenance);
+        if let Some(w) = watchdog {
+            w.abort();
+        }
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "final store flush failed");
         }
         tracing::info!("larder stopped");
         proxy.and(admin)
     }
+
+    /// [`Larder::run`], stopped by SIGTERM or SIGINT: the first one stops both listeners
+    /// gracefully (in-flight responses get `[server] shutdown_timeout`, then the store is
+    /// flushed and `run` returns); a second one exits the process at once with status 130.
+    pub async fn run_until_signal(self) -> std::io::Result<()> {
+        use actix_web::rt::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let handle = self.handle();
+        actix_web::rt::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!(
+                "stopping: in-flight responses may finish; a second signal exits at once"
+            );
+            actix_web::rt::spawn(async move { handle.stop(true).await });
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting without waiting for in-flight responses");
+            std::process::exit(130);
+        });
+        self.run().await
+    }
+}
+
+/// Counts a proxied request in the metrics and writes its access-log line. Reads only what
+/// the response already holds; the log line costs nothing when `larder::access` is off.
+fn record_request<B: MessageBody>(response: &ServiceResponse<B>, started: Instant) {
+    let req = response.request();
+    let status = response.status().as_u16();
+    let cache_status = response
+        .headers()
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok());
+    let result = metrics::result_of(status, cache_status);
+    // The announced length: exact for hits and sized origin bodies; unknown when chunked.
+    let bytes = match response.response().body().size() {
+        BodySize::Sized(n) if req.method() != Method::HEAD => Some(n),
+        _ => None,
+    };
+    if let Some(state) = req.app_data::<web::Data<ProxyState>>() {
+        state.metrics.count_response(result, bytes);
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info!(
+        target: "larder::access",
+        method = req.method().as_str(),
+        url = format_args!("{host}{}", req.path()),
+        status,
+        cache = cache_status.unwrap_or("-"),
+        result,
+        bytes,
+        // Time until the response head; a streamed body may take longer.
+        duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
+        "request"
+    );
 }

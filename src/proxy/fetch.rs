@@ -49,6 +49,7 @@ pub(crate) async fn pass(
         .and_then(|v| v.parse::<u64>().ok());
     let chunked = ctx.headers.contains("transfer-encoding");
     let (method, path) = (ctx.method.as_str(), ctx.path_and_query.as_str());
+    let timer = state.metrics.origin_latency.start_timer();
     // Keep the client's framing: a sized body stays sized, a chunked one stays a stream.
     let sent = match (payload, body_len) {
         (Some(p), _) if chunked => {
@@ -63,6 +64,7 @@ pub(crate) async fn pass(
         }
         _ => upstream.send(method, path, &headers, ()).await,
     };
+    timer.observe_duration();
     let mut resp = match sent {
         Ok(resp) => resp,
         Err(e) => return origin_error(&e, &CacheStatus::fwd(fwd)),
@@ -349,9 +351,11 @@ async fn lead(
         }
         let generation = state.store.purge_generation();
         let request_time = state.clock.now();
+        let timer = state.metrics.origin_latency.start_timer();
         let sent = upstream
             .send("GET", &job.path_and_query, &headers, ())
             .await;
+        timer.observe_duration();
         let response_time = state.clock.now();
         state.metrics.origin_requests.inc();
         let mut resp = match sent {

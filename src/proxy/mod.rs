@@ -87,7 +87,6 @@ pub async fn handle(
     // so that a 206 is never mistaken for the full representation.
     let cacheable_request = (ctx.method == "GET" || ctx.is_head) && !ctx.headers.contains("range");
     if !cacheable_request {
-        state.metrics.requests.with_label_values(&["pass"]).inc();
         let fwd = if ctx.method == "GET" || ctx.is_head {
             "request"
         } else {
@@ -121,14 +120,12 @@ async fn lookup_cached(
             // A HEAD miss would store no body; ask the origin and store nothing.
             return fetch::pass(&ctx, &state, &upstream, None, "miss").await;
         }
-        state.metrics.requests.with_label_values(&["fetch"]).inc();
         let fwd = if url_known { "vary-miss" } else { "miss" };
         return fetch::fetch_for_cache(&ctx, &state, &upstream, primary, None, fwd).await;
     };
 
     match policy::lookup(&ctx.headers, &entry.freshness, ctx.now) {
         Lookup::Fresh => {
-            state.metrics.requests.with_label_values(&["hit"]).inc();
             if let Some(resp) = respond::from_store(
                 &ctx,
                 &state,
@@ -144,7 +141,6 @@ async fn lookup_cached(
         Lookup::Stale {
             revalidate_in_background,
         } => {
-            state.metrics.requests.with_label_values(&["stale"]).inc();
             let detail = if revalidate_in_background {
                 fetch::refresh_in_background(&ctx, &state, &upstream, &primary, &key, &entry);
                 "stale-while-revalidate"
@@ -157,7 +153,6 @@ async fn lookup_cached(
             }
         }
         Lookup::MustRevalidate => {
-            state.metrics.requests.with_label_values(&["fetch"]).inc();
             if policy::CacheControl::from_request(&ctx.headers).only_if_cached {
                 return respond::only_if_cached_miss();
             }

@@ -6,6 +6,7 @@ mod admin;
 mod bounds;
 mod cli;
 mod herd;
+mod ops;
 mod persistence;
 mod proxy;
 mod store;

@@ -434,10 +434,16 @@ pub struct LarderProcess {
 impl LarderProcess {
     /// Runs `larder serve` with `args` and waits (≤ 20 s) for its "larder ready" log line.
     pub fn spawn(args: &[&str]) -> LarderProcess {
+        Self::spawn_env(args, &[])
+    }
+
+    /// `spawn` with extra environment variables (e.g. NOTIFY_SOCKET).
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> LarderProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_larder"))
             .arg("serve")
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -492,6 +498,16 @@ impl LarderProcess {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         wait_with_timeout(&mut self.child, Duration::from_secs(30))
+    }
+
+    /// Sends `signal` (e.g. "TERM") with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{signal} {pid}");
     }
 
     /// SIGKILL, the crash case.

@@ -1,0 +1,653 @@
+//! Operations: systemd notifications, graceful and forced shutdown of the built binary, /metrics exposition, the access log, and the systemd unit.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::support::*;
+
+const HOST: &[(&str, &str)] = &[("host", "ops.example")];
+
+fn serve_args<'a>(origin: &'a str, dir: &'a str) -> Vec<&'a str> {
+    vec![
+        "--origin",
+        origin,
+        "--data-dir",
+        dir,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]
+}
+
+/// Kills the child if the test fails before it exits.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for the datagram `want`, skipping others (watchdog pings); returns what came before.
+fn await_state(sock: &UnixDatagram, want: &str, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no {want} within {limit:?}; got {seen:?}");
+        sock.set_read_timeout(Some(left)).unwrap();
+        let Ok(n) = sock.recv(&mut buf) else {
+            panic!("no {want} within {limit:?}; got {seen:?}");
+        };
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg == want {
+            return seen;
+        }
+        seen.push(msg);
+    }
+}
+
+// READY=1 means "serving": the moment it arrives both ports accept connections. The watchdog
+// is pinged while running, and STOPPING=1 comes on SIGTERM before a clean exit.
+#[test]
+fn systemd_hears_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    // Fixed ports, so the test can connect without waiting for the log line that names them.
+    let (p, a) = (
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let (proxy, admin) = (p.local_addr().unwrap(), a.local_addr().unwrap());
+    drop((p, a));
+    let data = dir.path().join("data");
+    let child = Command::new(env!("CARGO_BIN_EXE_larder"))
+        .arg("serve")
+        .args(["--origin", "http://127.0.0.1:9", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", &proxy.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Reaper(child);
+
+    let before = await_state(&sock, "READY=1", Duration::from_secs(30));
+    assert!(before.is_empty(), "READY=1 must come first: {before:?}");
+    TcpStream::connect(proxy).expect("proxy port accepts once READY=1 is sent");
+    TcpStream::connect(admin).expect("admin port accepts once READY=1 is sent");
+
+    // WATCHDOG_USEC = 0.4 s: a ping every 0.2 s; allow a loaded machine plenty more.
+    await_state(&sock, "WATCHDOG=1", Duration::from_secs(10));
+
+    let pid = child.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    await_state(&sock, "STOPPING=1", Duration::from_secs(10));
+    let status = wait_with_timeout(&mut child.0, Duration::from_secs(30));
+    assert!(status.success(), "graceful stop exits 0, got {status:?}");
+}
+
+/// Origin chunks sent over `n × pause`.
+fn slow_reply(n: usize, pause: Duration) -> (Reply, String) {
+    let chunks: Vec<Bytes> = (0..n).map(|i| Bytes::from(format!("chunk-{i};"))).collect();
+    let whole = chunks
+        .iter()
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    let reply = Reply::ok("").body(Body::Slow { chunks, pause });
+    (reply, whole)
+}
+
+/// Sends a GET with `Connection: close` and reads until the response head has arrived.
+fn start_get(addr: std::net::SocketAddr, path: &str) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: ops.example\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed before the response head");
+        out.extend_from_slice(&buf[..n]);
+    }
+    (s, out)
+}
+
+/// Reads to EOF (or a reset, which counts as the end).
+fn read_rest(s: &mut TcpStream, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The body of a raw HTTP/1.1 response, chunked or not; `None` if the chunked framing is cut.
+fn body_of(raw: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, mut rest) = text.split_once("\r\n\r\n")?;
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Some(rest.to_string());
+    }
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(after.get(..size)?);
+        rest = after.get(size + 2..)?;
+    }
+}
+
+fn kill(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+// SIGTERM while a response streams: the client still gets all of it, then the process exits 0.
+#[actix_web::test]
+async fn sigterm_lets_an_in_flight_response_finish() {
+    let origin = TestOrigin::start().await;
+    let (reply, whole) = slow_reply(6, Duration::from_millis(250));
+    origin.fixed("/slow", reply);
+    let dir = tempfile::tempdir().unwrap();
+    let (url, path) = (origin.url(), dir.path().display().to_string());
+    let mut larder = LarderProcess::spawn(&serve_args(&url, &path));
+    let (addr, pid) = (larder.addr, larder.child.id());
+
+    let raw = tokio::task::spawn_blocking(move || {
+        let (mut s, mut out) = start_get(addr, "/slow");
+        kill(pid, "TERM");
+        read_rest(&mut s, &mut out);
+        out
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(
+        body_of(&raw).as_deref(),
+        Some(whole.as_str()),
+        "complete body after SIGTERM: {text}"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let status = wait_with_timeout(&mut larder.child, Duration::from_secs(40));
+        (status, larder.log())
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.0.success(),
+        "exit 0, got {:?}: {:?}",
+        status.0,
+        status.1
+    );
+    assert!(
+        status.1.iter().any(|l| l.contains("larder stopped")),
+        "store flushed and stopped: {:?}",
+        status.1
+    );
+}
+
+// A second signal does not wait for in-flight responses: the process exits at once (130).
+#[actix_web::test]
+async fn second_signal_exits_at_once() {
+    let origin = TestOrigin::start().await;
+    // 20 s of body: far longer than the bound below.
+    let (reply, _) = slow_reply(40, Duration::from_millis(500));
+    origin.fixed("/slower", reply);
+    let dir = tempfile::tempdir().unwrap();
+    let (url, path) = (origin.url(), dir.path().display().to_string());
+    let mut larder = LarderProcess::spawn(&serve_args(&url, &path));
+    let (addr, pid) = (larder.addr, larder.child.id());
+
+    let elapsed = tokio::task::spawn_blocking(move || {
+        let (mut s, mut out) = start_get(addr, "/slower");
+        kill(pid, "TERM");
+        let first = Instant::now();
+        // Apart, so the two signals are not merged into one delivery.
+        std::thread::sleep(Duration::from_millis(500));
+        kill(pid, "TERM");
+        // The connection ends when the process does.
+        read_rest(&mut s, &mut out);
+        first.elapsed()
+    })
+    .await
+    .unwrap();
+    let status = wait_with_timeout(&mut larder.child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130), "{status:?}: {:?}", larder.log());
+    assert!(
+        elapsed < Duration::from_secs(8),
+        "exited {elapsed:?} after the first signal; the response needed 20 s"
+    );
+}
+
+/// Parses Prometheus text exposition (format 0.0.4), panicking on any line that is not a
+/// `# HELP` / `# TYPE` comment or a `name{labels} value [timestamp]` sample. Returns the
+/// samples keyed by `name{labels}` as written.
+fn parse_exposition(text: &str) -> HashMap<String, f64> {
+    fn is_name(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    fn labels_ok(mut s: &str) -> bool {
+        // name="value" pairs, comma-separated; values may escape \\, \" and \n.
+        while !s.is_empty() {
+            let Some((name, rest)) = s.split_once("=\"") else {
+                return false;
+            };
+            if !is_name(name) {
+                return false;
+            }
+            let mut end = None;
+            let mut escaped = false;
+            for (i, c) in rest.char_indices() {
+                match (escaped, c) {
+                    (true, '\\' | '"' | 'n') => escaped = false,
+                    (true, _) => return false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => {
+                        end = Some(i);
+                        break;
+                    }
+                    (false, '\n') => return false,
+                    _ => {}
+                }
+            }
+            let Some(end) = end else { return false };
+            s = &rest[end + 1..];
+            if !s.is_empty() {
+                match s.strip_prefix(',') {
+                    Some(next) => s = next,
+                    None => return false,
+                }
+            }
+        }
+        true
+    }
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if let Some(comment) = line.strip_prefix("# ") {
+            let mut parts = comment.splitn(3, ' ');
+            let (kind, name, rest) = (parts.next(), parts.next(), parts.next());
+            let ok = match (kind, name, rest) {
+                (Some("HELP"), Some(n), _) => is_name(n),
+                (Some("TYPE"), Some(n), Some(t)) => {
+                    is_name(n)
+                        && ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t)
+                }
+                _ => false,
+            };
+            assert!(ok, "bad comment line: {line:?}");
+            continue;
+        }
+        let (series, value) = match line.find('}') {
+            Some(close) => (&line[..=close], line[close + 1..].trim_start_matches(' ')),
+            None => line
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("bad sample line: {line:?}")),
+        };
+        let name_ok = match series.split_once('{') {
+            Some((name, labels)) => {
+                is_name(name) && labels.strip_suffix('}').is_some_and(labels_ok)
+            }
+            None => is_name(series),
+        };
+        assert!(name_ok, "bad series in {line:?}");
+        let mut fields = value.split(' ');
+        let v: f64 = fields
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("bad value in {line:?}"));
+        if let Some(ts) = fields.next() {
+            assert!(ts.parse::<i64>().is_ok(), "bad timestamp in {line:?}");
+        }
+        assert!(fields.next().is_none(), "trailing fields in {line:?}");
+        samples.insert(series.to_string(), v);
+    }
+    samples
+}
+
+#[test]
+fn exposition_checker_rejects_malformed_lines() {
+    let good = "# HELP a_total A thing\n# TYPE a_total counter\na_total{x=\"1\",y=\"q\\\"\"} 3\nb 1.5e3 1700\n";
+    assert_eq!(parse_exposition(good)["b"], 1500.0);
+    for bad in [
+        "a_total three\n",
+        "# TYPE a_total countr\n",
+        "a_total{x=1} 3\n",
+        "1a 3\n",
+        "# random comment\n",
+        "a{x=\"1\"y=\"2\"} 1\n",
+    ] {
+        let caught = std::panic::catch_unwind(|| parse_exposition(bad));
+        assert!(caught.is_err(), "accepted {bad:?}");
+    }
+}
+
+async fn scrape(admin: std::net::SocketAddr, headers: &[(&str, &str)]) -> Got {
+    get(&format!("http://{admin}/metrics"), headers).await
+}
+
+// One miss then one hit move exactly those counters, the origin histogram and the byte
+// counters, and every line of /metrics is valid exposition text.
+#[actix_web::test]
+async fn metrics_count_a_miss_and_a_hit() {
+    let origin = TestOrigin::start().await;
+    origin.fixed(
+        "/m",
+        Reply::ok("twelve bytes").header("cache-control", "max-age=600"),
+    );
+    let proxy = TestProxy::start(&origin).await;
+    let before = parse_exposition(&scrape(proxy.admin_addr, &[]).await.text());
+
+    let miss = get(&proxy.url("/m"), HOST).await;
+    assert!(
+        miss.cache_status().contains("fwd=miss"),
+        "{}",
+        miss.cache_status()
+    );
+    let hit = get(&proxy.url("/m"), HOST).await;
+    assert!(
+        hit.cache_status().starts_with("larder; hit"),
+        "{}",
+        hit.cache_status()
+    );
+
+    let r = scrape(proxy.admin_addr, &[]).await;
+    assert_eq!(r.status, 200);
+    let after = parse_exposition(&r.text());
+    let moved = |series: &str| {
+        let a = after
+            .get(series)
+            .unwrap_or_else(|| panic!("{series} missing: {after:?}"));
+        a - before.get(series).copied().unwrap_or(0.0)
+    };
+    assert_eq!(moved("larder_requests_total{result=\"hit\"}"), 1.0);
+    assert_eq!(moved("larder_requests_total{result=\"miss\"}"), 1.0);
+    for other in ["stale", "revalidated", "pass", "error"] {
+        assert_eq!(
+            moved(&format!("larder_requests_total{{result=\"{other}\"}}")),
+            0.0
+        );
+    }
+    assert_eq!(moved("larder_origin_request_duration_seconds_count"), 1.0);
+    assert_eq!(moved("larder_origin_fetches_total"), 1.0);
+    assert_eq!(moved("larder_served_bytes_total{source=\"cache\"}"), 12.0);
+    assert_eq!(moved("larder_served_bytes_total{source=\"origin\"}"), 12.0);
+    assert_eq!(after["larder_store_entries"], 1.0);
+    assert_eq!(after["larder_store_body_bytes"], 12.0);
+    for name in [
+        "larder_coalesced_waits_total",
+        "larder_background_refreshes_total",
+        "larder_stale_if_error_served_total",
+        "larder_purged_entries_total",
+        "larder_store_dropped_records_total",
+        "larder_store_damaged_bodies_total",
+    ] {
+        assert!(after.contains_key(name), "{name} missing");
+    }
+}
+
+// `metrics_public` opens /metrics, and only /metrics, to scrapers without the token.
+#[actix_web::test]
+async fn metrics_public_skips_the_token_for_metrics_only() {
+    let origin = TestOrigin::start().await;
+    origin.fixed("/p", Reply::ok("p").header("cache-control", "max-age=600"));
+    let closed = TestProxy::start_with(&origin, "[admin]\ntoken = \"s3cret\"\n").await;
+    assert_eq!(scrape(closed.admin_addr, &[]).await.status, 401);
+
+    let open = TestProxy::start_with(
+        &origin,
+        "[admin]\ntoken = \"s3cret\"\nmetrics_public = true\n",
+    )
+    .await;
+    assert_eq!(scrape(open.admin_addr, &[]).await.status, 200);
+    let stats = get(&format!("http://{}/stats", open.admin_addr), &[]).await;
+    assert_eq!(stats.status, 401, "other endpoints keep the token");
+
+    // Purges are counted.
+    get(&open.url("/p"), HOST).await;
+    let purge = client()
+        .post(format!("http://{}/purge", open.admin_addr))
+        .insert_header(("authorization", "Bearer s3cret"))
+        .send_body(r#"{"all": true}"#)
+        .await
+        .unwrap();
+    assert_eq!(purge.status().as_u16(), 200);
+    let after = parse_exposition(&scrape(open.admin_addr, &[]).await.text());
+    assert_eq!(after["larder_purged_entries_total"], 1.0);
+    assert_eq!(after["larder_store_entries"], 0.0);
+}
+
+// One access-log line per proxied request, with the fields operators grep for.
+#[actix_web::test]
+async fn access_log_line_per_request() {
+    let origin = TestOrigin::start().await;
+    origin.fixed(
+        "/logged",
+        Reply::ok("abc").header("cache-control", "max-age=600"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (url, path) = (origin.url(), dir.path().display().to_string());
+    let larder = LarderProcess::spawn(&serve_args(&url, &path));
+    get(&larder.url("/logged"), HOST).await;
+    get(&larder.url("/logged"), HOST).await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let lines: Vec<String> = larder
+            .log()
+            .into_iter()
+            .filter(|l| l.contains("larder::access"))
+            .collect();
+        if lines.len() >= 2 || Instant::now() > deadline {
+            break lines;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lines.len(), 2, "{:?}", larder.log());
+    for (line, result) in lines.iter().zip(["miss", "hit"]) {
+        for field in [
+            "method=\"GET\"",
+            "url=ops.example/logged",
+            "status=200",
+            "cache=\"larder; ",
+            "bytes=3",
+            "duration_ms=",
+        ] {
+            assert!(line.contains(field), "{field} missing in {line}");
+        }
+        assert!(line.contains(&format!("result=\"{result}\"")), "{line}");
+    }
+}
+
+// The shipped unit passes `systemd-analyze verify` (where systemd is installed) and keeps the
+// settings the README promises.
+#[test]
+fn systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/larder.service"
+    ))
+    .unwrap();
+    for line in [
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=30",
+        "ExecStart=/usr/local/bin/larder serve --config /etc/larder/larder.toml",
+        "KillSignal=SIGTERM",
+        "DynamicUser=yes",
+        "StateDirectory=larder",
+        "ConfigurationDirectory=larder",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "Restart=on-failure",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
+    }
+    // SIGHUP reloads the token and log level (sighup_reloads_token_and_log_level).
+    assert!(
+        unit.lines()
+            .any(|l| l == "ExecReload=/bin/kill -HUP $MAINPID")
+    );
+
+    let Ok(probe) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("skipping systemd_unit_verifies: systemd-analyze is not installed");
+        return;
+    };
+    if !probe.status.success() {
+        eprintln!("skipping systemd_unit_verifies: systemd-analyze does not run here");
+        return;
+    }
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("larder.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/larder", env!("CARGO_BIN_EXE_larder")),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Unknown or misspelled keys are only warnings (exit 0): any line about our unit fails too.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("larder.service"))
+        .collect();
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify: {:?}\n{stderr}",
+        out.status
+    );
+}
+
+// SIGHUP re-reads the config: the admin token and log level change without a restart, and
+// a config that no longer loads changes nothing.
+#[actix_web::test]
+async fn sighup_reloads_token_and_log_level() {
+    let origin = TestOrigin::start().await;
+    origin.fixed("/r", Reply::ok("r").header("cache-control", "max-age=600"));
+    let dir = tempfile::tempdir().unwrap();
+    let (p, a) = (
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let (proxy, admin) = (p.local_addr().unwrap(), a.local_addr().unwrap());
+    drop((p, a));
+    let config_path = dir.path().join("larder.toml");
+    let config = |token: &str, level: &str| {
+        format!(
+            "[server]\nlisten = \"{proxy}\"\n[origin]\nurl = \"{}\"\n[storage]\npath = \"{}\"\n\
+             [admin]\nlisten = \"{admin}\"\ntoken = \"{token}\"\n[log]\nlevel = \"{level}\"\n",
+            origin.url(),
+            dir.path().join("data").display()
+        )
+    };
+    std::fs::write(&config_path, config("first", "info")).unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_larder"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = Reaper(child);
+    let pid = child.0.id();
+    let stats = |token: &'static str| {
+        let url = format!("http://{admin}/stats");
+        async move {
+            let auth = format!("Bearer {token}");
+            get(&url, &[("authorization", auth.as_str())]).await.status
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(admin).is_err() {
+        assert!(Instant::now() < deadline, "larder did not start");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats("first").await, 200);
+    get(&format!("http://{proxy}/r"), HOST).await;
+
+    std::fs::write(&config_path, config("second", "warn")).unwrap();
+    kill(pid, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats("second").await != 200 {
+        assert!(Instant::now() < deadline, "new token not taken");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats("first").await, 401, "the old token is gone");
+    // At level warn the access log (info) is off.
+    get(&format!("http://{proxy}/r"), HOST).await;
+
+    std::fs::write(&config_path, "[server\nbroken").unwrap();
+    kill(pid, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap()
+        .contains("reload failed")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "bad config on reload not reported"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats("second").await, 200, "a bad config changes nothing");
+
+    kill(pid, "TERM");
+    let status = wait_with_timeout(&mut child.0, Duration::from_secs(30));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(log.contains("config reloaded"), "{log}");
+    let access = log.lines().filter(|l| l.contains("larder::access")).count();
+    assert_eq!(
+        access, 1,
+        "only the request before the reload to warn is logged: {log}"
+    );
+}
