@@ -7,4 +7,5 @@ mod cli;
 mod herd;
 mod persistence;
 mod proxy;
+mod range;
 mod store;
