@@ -99,6 +99,7 @@ pub struct RawCache {
     pub coalesce_timeout: Option<String>,
     pub coalesce_max_body: Option<String>,
     pub remember_uncacheable: Option<String>,
+    pub range_fill_max: Option<String>,
 }
 
 /// `[admin]`
@@ -151,6 +152,9 @@ pub struct CoalesceConfig {
     pub max_body: u64,
     /// How long a URL that answered uncacheable is fetched per request instead of coalesced.
     pub remember_uncacheable: Duration,
+    /// A Range request for an unstored URL fetches the full object (and stores it) only up to
+    /// this size; larger or unknown-length objects get the Range forwarded and nothing stored.
+    pub range_fill_max: u64,
 }
 
 /// Where and how to reach the origin.
@@ -383,6 +387,10 @@ impl Config {
             },
             remember_uncacheable: duration_or(&c.remember_uncacheable, "30s")
                 .map_err(|m| bad("cache.remember_uncacheable", m))?,
+            range_fill_max: match &c.range_fill_max {
+                Some(s) => parse_bytes(s).map_err(|m| bad("cache.range_fill_max", m))?,
+                None => 64 << 20,
+            },
         };
 
         let admin_listen = parse_addr(raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN))

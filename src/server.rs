@@ -124,6 +124,7 @@ impl Larder {
             policy: config.policy.clone(),
             clock: clock.clone(),
             max_object_size: config.storage.max_object_size,
+            range_fill_max: config.coalescing.range_fill_max,
             flights: flights.clone(),
             metrics: metrics.clone(),
         });

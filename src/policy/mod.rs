@@ -18,6 +18,7 @@ mod freshness;
 pub mod freshness_state;
 pub mod headers;
 mod invalidation;
+pub mod range;
 #[cfg(test)]
 mod robustness;
 mod syntax;
@@ -33,6 +34,7 @@ pub use freshness::{
 pub use freshness_state::Freshness;
 pub use headers::{HeaderList, headers_to_store, strip_hop_by_hop};
 pub use invalidation::{invalidation_targets, is_unsafe_method, surrogate_keys};
+pub use range::{ByteRange, RangeAnswer, select_ranges};
 pub use validators::{
     ClientConditional, evaluate_conditional, head_matches_stored, merge_not_modified,
     not_modified_headers, not_modified_matches, revalidation_headers, revalidation_matches,

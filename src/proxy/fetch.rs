@@ -10,6 +10,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use tokio::sync::mpsc;
 
 use super::flight::{Flight, Outcome, SharedHead};
+use super::range;
 use super::respond::{self, CacheStatus};
 use super::{ProxyState, RequestCtx, select_variant};
 use crate::key::{PrimaryKey, VariantKey};
@@ -129,6 +130,9 @@ pub(crate) async fn fetch_for_cache(
         // The leader's origin is too slow: stop waiting and ask on our own.
         None => return fetch_alone(ctx, state, upstream, primary, stale, fwd).await,
     };
+    if forward_range_instead(ctx, state, &outcome) {
+        return pass(ctx, state, upstream, None, fwd).await;
+    }
     match answer(ctx, state, &flight, outcome, leader, stale.as_ref(), fwd).await {
         Some(resp) => resp,
         // Released: the shared answer does not fit this request.
@@ -160,9 +164,36 @@ async fn fetch_alone(
         .outcome(std::time::Duration::MAX)
         .await
         .unwrap_or_else(unreachable_outcome);
+    if forward_range_instead(ctx, state, &outcome) {
+        return pass(ctx, state, upstream, None, fwd).await;
+    }
     answer(ctx, state, &flight, outcome, true, stale.as_ref(), fwd)
         .await
         .unwrap_or_else(|| respond::plain_error(502, "the origin's answer could not be used"))
+}
+
+/// A Range GET whose full response is not being stored (too large for `range_fill_max`, of
+/// unknown length, or not storable) and is not small: rather than read the whole body for a
+/// slice, drop that fetch and forward the Range as the client sent it (the 206 is not stored).
+fn forward_range_instead(ctx: &RequestCtx, state: &ProxyState, outcome: &Outcome) -> bool {
+    let Outcome::Response(head) = outcome else {
+        return false;
+    };
+    let forward = ctx.method == "GET"
+        && ctx.headers.contains("range")
+        && head.status == 200
+        && !head.shareable
+        && head.content_length.is_none_or(|n| n > state.range_fill_max);
+    if forward {
+        // Closes the unshared body channel, so the fetch stops reading the origin.
+        drop(
+            head.solo_body
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+    }
+    forward
 }
 
 fn unreachable_outcome() -> Outcome {
@@ -230,6 +261,11 @@ async fn answer(
             };
             let cache_status = collapse(head.cache_status.clone());
             let builder = respond::from_origin_head(head.status, &head.headers, &cache_status);
+            // RFC 9110 §14.2: a Range request is answered from the full response as it arrives.
+            if let Some(reply) = range::select(ctx, head.status, &head.headers, head.content_length)
+            {
+                return Some(range::from_full_stream(builder, reply, ctx.is_head, body));
+            }
             Some(finish_body(
                 builder,
                 ctx.is_head,
@@ -314,6 +350,9 @@ fn start_lead(
     let mut job = ctx.clone();
     job.method = "GET".into();
     job.is_head = false;
+    // A Range miss stores the full object only up to range_fill_max (see `deliver`).
+    job.range_fill_max =
+        (stale.is_none() && ctx.headers.contains("range")).then_some(state.range_fill_max);
     for name in CLIENT_ONLY_FIELDS {
         job.headers.remove(name);
     }
@@ -473,6 +512,15 @@ async fn deliver(
             cache_status = cache_status.with_detail(reason.as_str());
             None
         }
+        Storable::Yes(_)
+            if job
+                .range_fill_max
+                .is_some_and(|max| length.is_none_or(|n| n > max)) =>
+        {
+            // Led by a Range request: not worth reading a large or unbounded body for it.
+            cache_status = cache_status.with_detail("range-fill-limit");
+            None
+        }
         Storable::Yes(_) if length.is_some_and(|n| n > state.max_object_size) => {
             cache_status = cache_status.with_detail("too-large");
             None
@@ -495,7 +543,8 @@ async fn deliver(
     };
     if writer.is_some() {
         state.flights.clear_uncacheable(primary);
-    } else if resp.status < 500 {
+    } else if resp.status < 500 && job.range_fill_max.is_none() {
+        // (A Range-led fetch left unstored for its size says nothing about full requests.)
         state.flights.mark_uncacheable(primary, response_time);
     }
     // Waiters share what is stored (it is meant for everyone) and origin errors (so a failing

@@ -6,6 +6,7 @@
 
 mod fetch;
 mod flight;
+mod range;
 mod respond;
 
 use std::net::IpAddr;
@@ -32,6 +33,9 @@ pub struct ProxyState {
     pub clock: Arc<dyn Clock>,
     /// Bodies above this are passed through unstored.
     pub max_object_size: u64,
+    /// A Range miss fetches and stores the full object only up to this size (else the Range
+    /// request is forwarded as sent and nothing is stored).
+    pub range_fill_max: u64,
     /// Origin fetches in progress, shared by the requests that wait for them.
     pub flights: Arc<Flights>,
     pub metrics: Arc<Metrics>,
@@ -47,6 +51,9 @@ pub(crate) struct RequestCtx {
     pub headers: HeaderList,
     pub peer: Option<IpAddr>,
     pub now: SystemTime,
+    /// Set on the fetch a Range request leads: store the full response only up to this size,
+    /// else let the Range go to the origin as sent (see `fetch::forward_range_instead`).
+    pub range_fill_max: Option<u64>,
 }
 
 impl RequestCtx {
@@ -81,11 +88,13 @@ pub async fn handle(
             .collect(),
         peer: req.peer_addr().map(|a| a.ip()),
         now: state.clock.now(),
+        range_fill_max: None,
     };
 
-    // Only complete GET/HEAD responses are cached; a Range request is passed through whole
-    // so that a 206 is never mistaken for the full representation.
-    let cacheable_request = (ctx.method == "GET" || ctx.is_head) && !ctx.headers.contains("range");
+    // Only complete GET/HEAD responses are cached. A Range request is served from (or fills)
+    // the full stored response; a cache fetch never forwards Range (fetch::CLIENT_ONLY_FIELDS),
+    // so a 206 is never mistaken for the full representation.
+    let cacheable_request = ctx.method == "GET" || ctx.is_head;
     if !cacheable_request {
         let fwd = if ctx.method == "GET" || ctx.is_head {
             "request"

@@ -10,7 +10,7 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures_util::stream;
 
-use super::{ProxyState, RequestCtx};
+use super::{ProxyState, RequestCtx, range};
 use crate::key::VariantKey;
 use crate::policy::{self, ClientConditional, HeaderList};
 use crate::store::Entry;
@@ -94,6 +94,21 @@ pub(crate) async fn from_store(
     let mut builder = HttpResponse::build(status_code(entry.status));
     copy_headers(&mut builder, &entry.headers);
     finish_headers(&mut builder, &status, &entry.headers, Some(age));
+    if entry.status == 200 {
+        // RFC 9110 §14.3: we answer byte ranges of every complete response we serve.
+        builder.insert_header(("accept-ranges", "bytes"));
+    }
+    // RFC 9110 §14.2: Range after the conditionals above (§13.2.2), from the stored bytes.
+    if let Some(reply) = range::select(ctx, entry.status, &entry.headers, Some(entry.body.len)) {
+        return match range::from_store(builder, reply, ctx.is_head, &state.store, key, entry).await
+        {
+            Ok(resp) => Some(resp),
+            Err(e) => {
+                tracing::warn!(url = %entry.url, error = %e, "stored body unusable; refetching");
+                None
+            }
+        };
+    }
     if ctx.is_head {
         return Some(
             builder

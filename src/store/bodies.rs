@@ -198,7 +198,16 @@ pub struct BodyStream {
 enum State {
     Inline(Option<Bytes>),
     File(Box<FileRead>),
+    Slice(Box<SliceRead>),
     Done,
+}
+
+/// A byte range of a body file whose whole content was verified against its blake3 (see
+/// [`Verified`]); it only checks that the file still holds every byte of the range.
+struct SliceRead {
+    reader: ReaderStream<tokio::io::Take<tokio::fs::File>>,
+    left: u64,
+    what: String,
 }
 
 struct FileRead {
@@ -243,6 +252,104 @@ impl BodyStream {
     }
 }
 
+impl BodyStream {
+    /// `len` bytes of a verified body file, read from the file's current position (the caller
+    /// has seeked to the range's start).
+    pub(super) fn file_slice(file: tokio::fs::File, len: u64, what: String) -> BodyStream {
+        use tokio::io::AsyncReadExt;
+        BodyStream {
+            state: State::Slice(Box::new(SliceRead {
+                reader: ReaderStream::with_capacity(file.take(len), CHUNK),
+                left: len,
+                what,
+            })),
+        }
+    }
+}
+
+/// What identifies one on-disk body file as the very file we verified: any write to it, a
+/// `touch` back to an old mtime (which moves ctime), or a replacement (new inode) changes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    pub(super) fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Body files this process has hashed whole and found intact, by content hash, with the stamp
+/// the file had then. A range read of a file whose stamp is unchanged seeks straight to its
+/// bytes; any other range read hashes the whole file first. Bounded: cleared when full.
+#[derive(Default)]
+pub(super) struct Verified {
+    files: std::sync::Mutex<std::collections::HashMap<[u8; 32], FileStamp>>,
+}
+
+/// Entries kept before the verified-file map is cleared (one 1 GiB re-hash per file, at worst).
+const VERIFIED_MAX: usize = 65_536;
+
+impl Verified {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], FileStamp>> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn is_verified(&self, hash: &[u8; 32], stamp: &FileStamp) -> bool {
+        self.lock().get(hash) == Some(stamp)
+    }
+
+    pub(super) fn insert(&self, hash: [u8; 32], stamp: FileStamp) {
+        let mut files = self.lock();
+        if files.len() >= VERIFIED_MAX {
+            files.clear();
+        }
+        files.insert(hash, stamp);
+    }
+
+    pub(super) fn forget(&self, hash: &[u8; 32]) {
+        self.lock().remove(hash);
+    }
+}
+
+/// Hashes a whole body file (blocking; run it off the async workers). True if it is `len`
+/// bytes with this blake3.
+pub(super) fn file_matches(
+    file: &mut std::fs::File,
+    len: u64,
+    blake3: &[u8; 32],
+) -> io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(0))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut seen: u64 = 0;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        seen += n as u64;
+        if seen > len {
+            return Ok(false);
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(seen == len && hasher.finalize().as_bytes() == blake3)
+}
+
 impl FileRead {
     fn damaged(&mut self, why: &str) -> io::Error {
         if let Some(drop_entry) = self.on_damage.take() {
@@ -268,6 +375,29 @@ impl Stream for BodyStream {
                 return Poll::Ready(out.map(Ok));
             }
             State::File(read) => read,
+            State::Slice(slice) => {
+                return match Pin::new(&mut slice.reader).poll_next(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Some(Ok(chunk))) => {
+                        slice.left = slice.left.saturating_sub(chunk.len() as u64);
+                        Poll::Ready(Some(Ok(chunk)))
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        this.state = State::Done;
+                        Poll::Ready(Some(Err(e)))
+                    }
+                    Poll::Ready(None) => {
+                        // The file shrank since it was verified: never end a range short cleanly.
+                        let short = slice.left > 0;
+                        let err = io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("stored body of {} is shorter than recorded", slice.what),
+                        );
+                        this.state = State::Done;
+                        Poll::Ready(short.then_some(Err(err)))
+                    }
+                };
+            }
         };
         loop {
             match Pin::new(&mut read.reader).poll_next(cx) {

@@ -9,4 +9,5 @@ mod herd;
 mod ops;
 mod persistence;
 mod proxy;
+mod range;
 mod store;
