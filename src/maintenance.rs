@@ -93,12 +93,15 @@ pub fn sweep_expired(store: &Store, now: SystemTime, config: &SweepConfig) -> u6
             }
         };
         let batch_len = keys.len();
+        let before = removed;
         for key in keys {
             if store.remove(&key).unwrap_or(false) {
                 removed += 1;
             }
         }
-        if batch_len < config.batch {
+        // A short batch is the end; a batch that removed nothing (a failing disk) would only
+        // come back unchanged, so stop until the next sweep instead of spinning.
+        if batch_len < config.batch || removed == before {
             break;
         }
     }

@@ -1,6 +1,6 @@
 //! Everything that goes to the origin: pass-through, the single-flight cache fetch (miss, revalidation, background refresh), the tee into the store, invalidation.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use actix_web::body::{BodyStream, None as NoBody, SizedStream};
@@ -111,7 +111,13 @@ pub(crate) async fn fetch_for_cache(
         return fetch_alone(ctx, state, upstream, primary, stale, fwd).await;
     }
     let (flight, leader) = state.flights.join(&primary);
+    // The leader's own channel for a response that turns out not to be shared. It lives here,
+    // with this request: if the request gives up or goes away, the channel closes and the
+    // fetch carries on for the store alone.
+    let mut solo = None;
     if leader {
+        let (tx, rx) = mpsc::channel(CLIENT_CHANNEL_CHUNKS);
+        solo = Some(rx);
         start_lead(
             flight.clone(),
             ctx,
@@ -120,7 +126,7 @@ pub(crate) async fn fetch_for_cache(
             primary.clone(),
             stale.clone(),
             fwd,
-            true,
+            Some(tx),
         );
     } else {
         state.metrics.coalesced_waits.inc();
@@ -131,9 +137,21 @@ pub(crate) async fn fetch_for_cache(
         None => return fetch_alone(ctx, state, upstream, primary, stale, fwd).await,
     };
     if forward_range_instead(ctx, state, &outcome) {
+        drop(solo);
         return pass(ctx, state, upstream, None, fwd).await;
     }
-    match answer(ctx, state, &flight, outcome, leader, stale.as_ref(), fwd).await {
+    match answer(
+        ctx,
+        state,
+        &flight,
+        outcome,
+        leader,
+        solo,
+        stale.as_ref(),
+        fwd,
+    )
+    .await
+    {
         Some(resp) => resp,
         // Released: the shared answer does not fit this request.
         None => fetch_alone(ctx, state, upstream, primary, stale, fwd).await,
@@ -150,6 +168,7 @@ async fn fetch_alone(
     fwd: &str,
 ) -> HttpResponse {
     let flight = Arc::new(Flight::new());
+    let (tx, solo) = mpsc::channel(CLIENT_CHANNEL_CHUNKS);
     start_lead(
         flight.clone(),
         ctx,
@@ -158,18 +177,28 @@ async fn fetch_alone(
         primary.clone(),
         stale.clone(),
         fwd,
-        false,
+        Some(tx),
     );
     let outcome = flight
         .outcome(std::time::Duration::MAX)
         .await
         .unwrap_or_else(unreachable_outcome);
     if forward_range_instead(ctx, state, &outcome) {
+        drop(solo);
         return pass(ctx, state, upstream, None, fwd).await;
     }
-    answer(ctx, state, &flight, outcome, true, stale.as_ref(), fwd)
-        .await
-        .unwrap_or_else(|| respond::plain_error(502, "the origin's answer could not be used"))
+    answer(
+        ctx,
+        state,
+        &flight,
+        outcome,
+        true,
+        Some(solo),
+        stale.as_ref(),
+        fwd,
+    )
+    .await
+    .unwrap_or_else(|| respond::plain_error(502, "the origin's answer could not be used"))
 }
 
 /// A Range GET whose full response is not being stored (too large for `range_fill_max`, of
@@ -179,21 +208,12 @@ fn forward_range_instead(ctx: &RequestCtx, state: &ProxyState, outcome: &Outcome
     let Outcome::Response(head) = outcome else {
         return false;
     };
-    let forward = ctx.method == "GET"
+    // The caller then drops its solo channel (a leader's), so the fetch stops reading.
+    ctx.method == "GET"
         && ctx.headers.contains("range")
         && head.status == 200
         && !head.shareable
-        && head.content_length.is_none_or(|n| n > state.range_fill_max);
-    if forward {
-        // Closes the unshared body channel, so the fetch stops reading the origin.
-        drop(
-            head.solo_body
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(),
-        );
-    }
-    forward
+        && head.content_length.is_none_or(|n| n > state.range_fill_max)
 }
 
 fn unreachable_outcome() -> Outcome {
@@ -212,6 +232,7 @@ async fn answer(
     flight: &Arc<Flight>,
     outcome: Outcome,
     leader: bool,
+    solo: Option<mpsc::Receiver<ClientChunk>>,
     stale: Option<&(VariantKey, Entry)>,
     fwd: &str,
 ) -> Option<HttpResponse> {
@@ -252,12 +273,7 @@ async fn answer(
                 flight.clone().body().boxed()
             } else {
                 // Only the leader reads an unshared response, through its own channel.
-                let rx = head
-                    .solo_body
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take()?;
-                receiver_stream(rx).boxed()
+                receiver_stream(solo?).boxed()
             };
             let cache_status = collapse(head.cache_status.clone());
             let builder = respond::from_origin_head(head.status, &head.headers, &cache_status);
@@ -329,7 +345,7 @@ pub(crate) fn refresh_in_background(
         primary.clone(),
         stale,
         "stale",
-        true,
+        None,
     );
 }
 
@@ -344,7 +360,7 @@ fn start_lead(
     primary: PrimaryKey,
     stale: Option<(VariantKey, Entry)>,
     fwd: &str,
-    registered: bool,
+    solo: Option<mpsc::Sender<ClientChunk>>,
 ) {
     // The fetch is a plain GET for the full response, whatever this client asked.
     let mut job = ctx.clone();
@@ -358,10 +374,12 @@ fn start_lead(
     }
     let (state, upstream, fwd) = (state.clone(), upstream.clone(), fwd.to_string());
     actix_web::rt::spawn(async move {
-        lead(&flight, &job, &state, &upstream, &primary, stale, &fwd).await;
-        if registered {
-            state.flights.detach(&primary, &flight);
-        }
+        lead(
+            &flight, &job, &state, &upstream, &primary, stale, &fwd, solo,
+        )
+        .await;
+        // (A no-op for a flight that was never registered.)
+        state.flights.detach(&primary, &flight);
         // Whatever happened, nobody may wait for this flight any longer.
         flight.finish(Err("origin fetch abandoned".into()));
     });
@@ -369,6 +387,7 @@ fn start_lead(
 
 /// The leader's work: ask the origin (conditionally when revalidating), decide, publish the
 /// outcome, then stream the body to the store and to the readers.
+#[allow(clippy::too_many_arguments)]
 async fn lead(
     flight: &Arc<Flight>,
     job: &RequestCtx,
@@ -377,6 +396,7 @@ async fn lead(
     primary: &PrimaryKey,
     mut stale: Option<(VariantKey, Entry)>,
     fwd: &str,
+    solo: Option<mpsc::Sender<ClientChunk>>,
 ) {
     let mut fwd = fwd.to_string();
     // A revalidation may turn into a plain refetch once (a 304 for another representation).
@@ -415,7 +435,6 @@ async fn lead(
             if policy::revalidation_matches(&entry.headers, &resp.headers) {
                 freshen(
                     state,
-                    job,
                     *key,
                     entry,
                     &resp.headers,
@@ -434,7 +453,7 @@ async fn lead(
         }
         prepare_response_headers(&mut resp.headers, response_time);
         let times = (request_time, response_time, generation);
-        deliver(flight, job, state, primary, resp, times, &fwd).await;
+        deliver(flight, job, state, primary, resp, times, &fwd, solo).await;
         return;
     }
 }
@@ -444,7 +463,6 @@ async fn lead(
 #[allow(clippy::too_many_arguments)]
 fn freshen(
     state: &ProxyState,
-    job: &RequestCtx,
     key: VariantKey,
     entry: &Entry,
     not_modified: &HeaderList,
@@ -454,21 +472,33 @@ fn freshen(
 ) {
     let merged =
         policy::headers_to_store(&policy::merge_not_modified(&entry.headers, not_modified));
-    let result = match policy::storable(
+    // Judged as a response only: this client's own request fields (no-store, Authorization)
+    // decide what *it* may store, not whether the shared entry stays.
+    let freshness = match policy::storable(
         "GET",
-        &job.headers,
+        &HeaderList::new(),
         entry.status,
         &merged,
         request_time,
         response_time,
         &state.policy,
     ) {
-        Storable::Yes(freshness) => state.store.update_meta(&key, merged, freshness, generation),
+        Storable::Yes(freshness) => freshness,
         Storable::No(reason) => {
-            tracing::debug!(url = %entry.url, reason = reason.as_str(), "revalidated entry no longer storable");
-            state.store.remove(&key)
+            // The origin confirmed the body but its new fields forbid reusing it freely (e.g.
+            // it now says no-store): keep it only as an entry that must be revalidated on every
+            // use, so the requests waiting on this 304 are still answered and no later one is
+            // served without asking. The sweeper removes it in time.
+            tracing::debug!(url = %entry.url, reason = reason.as_str(), "revalidated entry may no longer be reused freely");
+            policy::Freshness {
+                stale_while_revalidate: std::time::Duration::ZERO,
+                stale_if_error: std::time::Duration::ZERO,
+                must_revalidate: true,
+                ..entry.freshness.expired_at(response_time)
+            }
         }
     };
+    let result = state.store.update_meta(&key, merged, freshness, generation);
     if let Err(e) = result {
         tracing::debug!(url = %entry.url, error = %e, "revalidation result not kept");
     }
@@ -484,6 +514,7 @@ async fn deliver(
     resp: UpstreamResponse,
     (request_time, response_time, generation): (SystemTime, SystemTime, u64),
     fwd: &str,
+    solo: Option<mpsc::Sender<ClientChunk>>,
 ) {
     let length = content_length(&resp.headers);
     let mut cache_status = CacheStatus::fwd(fwd).with_fwd_status(resp.status);
@@ -507,6 +538,14 @@ async fn deliver(
         }
         Vary::Star => (Vec::new(), Vec::new()),
     };
+    // An origin error is shared with waiters (so a failing origin is not asked once per
+    // waiter) only when nothing but its status keeps it from being stored: never a private,
+    // no-store or Set-Cookie answer.
+    let generic_error = resp.status >= 500
+        && matches!(
+            decision,
+            Storable::No(policy::NotStorable::Status | policy::NotStorable::NoFreshness)
+        );
     let writer = match decision {
         Storable::No(reason) => {
             cache_status = cache_status.with_detail(reason.as_str());
@@ -547,15 +586,17 @@ async fn deliver(
         // (A Range-led fetch left unstored for its size says nothing about full requests.)
         state.flights.mark_uncacheable(primary, response_time);
     }
-    // Waiters share what is stored (it is meant for everyone) and origin errors (so a failing
-    // origin is not hit once per waiter), as long as the body fits in memory.
+    // Waiters share what is stored (it is meant for everyone) and generic origin errors, as
+    // long as the body fits in memory. A body of unknown length is shared too (dynamic pages
+    // are where herds happen); if it outgrows the buffer the readers are cut, and the URL is
+    // then fetched per request for a while (see below).
     let fits = length.is_none_or(|n| n <= state.flights.max_body);
-    let shareable = (writer.is_some() || resp.status >= 500) && fits;
-    let (sink, solo_body) = if shareable {
-        (Sink::Shared(flight.clone(), state.flights.max_body), None)
-    } else {
-        let (tx, rx) = mpsc::channel(CLIENT_CHANNEL_CHUNKS);
-        (Sink::Client(tx), Some(rx))
+    let shareable = (writer.is_some() || generic_error) && fits;
+    let sink = match (shareable, solo) {
+        (true, _) => Sink::Shared(flight.clone(), state.flights.max_body),
+        (false, Some(tx)) => Sink::Client(tx),
+        // A background refresh: nobody reads, the store may still keep it.
+        (false, None) => Sink::Discard,
     };
     flight.publish(Outcome::Response(Arc::new(SharedHead {
         status: resp.status,
@@ -565,7 +606,6 @@ async fn deliver(
         shareable,
         vary_fields,
         vary_values,
-        solo_body: Mutex::new(solo_body),
     })));
     let errors = state.metrics.store_write_errors.clone();
     tee(
@@ -577,12 +617,18 @@ async fn deliver(
         Some(errors),
     )
     .await;
+    if flight.overflowed() {
+        // Its readers were cut: do not let the next herd share this URL's fetch again.
+        state.flights.mark_uncacheable(primary, response_time);
+    }
 }
 
-/// Where the body goes besides the store: one client's channel, or a flight's shared buffer.
+/// Where the body goes besides the store: one client's channel, a flight's shared buffer,
+/// or nowhere.
 enum Sink {
     Client(mpsc::Sender<ClientChunk>),
     Shared(Arc<Flight>, u64),
+    Discard,
 }
 
 impl Sink {
@@ -591,6 +637,7 @@ impl Sink {
         match self {
             Sink::Client(tx) => tx.send(Ok(chunk)).await.is_ok(),
             Sink::Shared(flight, max) => flight.push(chunk, *max),
+            Sink::Discard => false,
         }
     }
 
@@ -600,6 +647,7 @@ impl Sink {
                 let _ = tx.send(Err(std::io::Error::other(message))).await;
             }
             Sink::Shared(flight, _) => flight.finish(Err(message)),
+            Sink::Discard => {}
         }
     }
 

@@ -128,8 +128,6 @@ pub(crate) struct SharedHead {
     pub shareable: bool,
     pub vary_fields: Vec<String>,
     pub vary_values: Vec<(String, Option<String>)>,
-    /// For an unshared response: the leader's own body channel, taken once by its client.
-    pub solo_body: Mutex<Option<tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>>>,
 }
 
 #[derive(Default)]
@@ -138,6 +136,8 @@ struct State {
     chunks: Vec<Bytes>,
     buffered: u64,
     end: Option<Result<(), String>>,
+    /// The body outgrew the shared buffer and the readers were cut.
+    overflowed: bool,
 }
 
 /// One fetch in progress.
@@ -172,6 +172,7 @@ impl Flight {
             let mut state = lock(&self.state);
             state.buffered += chunk.len() as u64;
             if state.buffered > max_body {
+                state.overflowed = true;
                 state.chunks.clear();
                 state.end = Some(Err("response too large to share".into()));
                 false
@@ -200,6 +201,11 @@ impl Flight {
             }
         }
         self.changed();
+    }
+
+    /// True if the body outgrew the shared buffer (its readers were cut).
+    pub(crate) fn overflowed(&self) -> bool {
+        lock(&self.state).overflowed
     }
 
     /// Waits for the head; `None` if `limit` passes first.

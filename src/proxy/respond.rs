@@ -133,7 +133,9 @@ pub(crate) fn from_origin_head(
 ) -> HttpResponseBuilder {
     let mut builder = HttpResponse::build(status_code(status));
     copy_headers(&mut builder, headers);
-    finish_headers(&mut builder, cache_status, headers, None);
+    // RFC 9111 §5.1: a forwarded response keeps the Age an upstream cache gave it.
+    let upstream_age = headers.get_str("age").and_then(|a| a.parse::<u64>().ok());
+    finish_headers(&mut builder, cache_status, headers, upstream_age);
     builder
 }
 

@@ -677,16 +677,39 @@ impl Index {
             .map_or(0, |(row, _)| row.get(..8).map_or(0, be_u64)))
     }
 
-    /// Up to `limit` keys, least recently used first.
-    pub(super) fn least_recently_used(&self, limit: usize) -> Result<Vec<VariantKey>, StoreError> {
-        let mut keys = Vec::with_capacity(limit);
+    /// Up to `limit` (access stamp, key) rows, least recently used first.
+    pub(super) fn least_recently_used(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(u64, VariantKey)>, StoreError> {
+        let mut rows = Vec::with_capacity(limit);
         for row in self.lru.iter().keys().take(limit) {
             let row = row.map_err(db_err)?;
-            if let Some(key) = row.get(8..).and_then(VariantKey::from_bytes) {
-                keys.push(key);
+            if let (Some(stamp), Some(key)) = (
+                row.get(..8).map(be_u64),
+                row.get(8..).and_then(VariantKey::from_bytes),
+            ) {
+                rows.push((stamp, key));
+            } else {
+                self.lru.remove(&row).map_err(db_err)?;
             }
         }
-        Ok(keys)
+        Ok(rows)
+    }
+
+    /// Drops an access-order row whose entry is gone (left by an interrupted upgrade).
+    pub(super) fn forget_access(&self, stamp: u64, key: &VariantKey) -> Result<(), StoreError> {
+        (&self.access, &self.lru, &self.entries)
+            .transaction(|(a, l, e)| {
+                if e.get(key.as_bytes())?.is_none() {
+                    l.remove(expiry_row(stamp, key))?;
+                    if a.get(key.as_bytes())?.is_some_and(|v| be_u64(&v) == stamp) {
+                        a.remove(&key.as_bytes()[..])?;
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_err)
     }
 
     /// Schema v1 → v2: gives every entry an access-order position (its stored time) and

@@ -702,13 +702,20 @@ impl Shared {
             if victims.is_empty() {
                 break;
             }
-            for key in victims {
+            let before = evicted;
+            for (stamp, key) in victims {
                 if self.remove_entry(&key, None)? {
                     evicted += 1;
+                } else {
+                    // A row whose entry is gone would come first in every pass: drop it.
+                    self.index.forget_access(stamp, &key)?;
                 }
                 if self.usage() <= target {
                     break;
                 }
+            }
+            if evicted == before && self.index.least_recently_used(1)?.is_empty() {
+                break;
             }
         }
         self.evictions.fetch_add(evicted, Ordering::Relaxed);

@@ -301,3 +301,79 @@ async fn coalescing_is_counted_in_metrics() {
     assert_eq!(value("larder_origin_fetches_total"), 1);
     assert_eq!(value("larder_coalesced_waits_total"), 9);
 }
+
+// Review regression: a background refresh whose answer is not shared (the origin turned the
+// URL private) must not leave the URL's fetch wedged: the next stale hit refreshes again.
+#[actix_web::test]
+async fn unshared_background_refresh_does_not_wedge_the_url() {
+    let origin = TestOrigin::start().await;
+    origin.route("/turns-private", |_, n| {
+        if n == 1 {
+            Reply::ok("public v1").header("cache-control", "max-age=10, stale-while-revalidate=600")
+        } else {
+            // Large enough to fill any channel buffer if nobody reads it.
+            Reply::ok(vec![b'p'; 4 << 20]).header("cache-control", "private")
+        }
+    });
+    let proxy = TestProxy::start(&origin).await;
+    get(&proxy.url("/turns-private"), &[]).await;
+    proxy.advance(Duration::from_secs(30));
+    assert_eq!(
+        get(&proxy.url("/turns-private"), &[]).await.text(),
+        "public v1"
+    );
+    for _ in 0..100 {
+        if origin.hits("/turns-private") == 2 {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    actix_web::rt::time::sleep(Duration::from_millis(300)).await;
+    // Still stale-while-revalidate: served at once, and a new refresh can start.
+    assert_eq!(
+        get(&proxy.url("/turns-private"), &[]).await.text(),
+        "public v1"
+    );
+    for _ in 0..100 {
+        if origin.hits("/turns-private") >= 3 {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        origin.hits("/turns-private") >= 3,
+        "the URL's refresh stayed wedged"
+    );
+}
+
+// Review regression: an origin error carrying Set-Cookie (or private) is never handed to
+// other waiters; each gets its own answer.
+#[actix_web::test]
+async fn personal_error_responses_are_not_shared_with_waiters() {
+    let origin = TestOrigin::start().await;
+    origin.route("/err-cookie", |_, n| {
+        Reply::status(500)
+            .header("set-cookie", &format!("session={n}"))
+            .delay(Duration::from_millis(200))
+    });
+    let proxy = TestProxy::start(&origin).await;
+    let results = herd(&proxy.url("/err-cookie"), 10).await;
+    let mut cookies: Vec<String> = results
+        .iter()
+        .map(|(r, _)| {
+            r.as_ref()
+                .unwrap()
+                .header("set-cookie")
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    cookies.sort();
+    cookies.dedup();
+    assert_eq!(
+        cookies.len(),
+        10,
+        "a session cookie was shared: {cookies:?}"
+    );
+    assert_eq!(origin.hits("/err-cookie"), 10);
+}

@@ -572,3 +572,65 @@ async fn set_cookie_responses_are_not_shared() {
     );
     assert_eq!(origin.hits("/sc"), 2);
 }
+
+// Review regression: a client whose own request could not be stored (Authorization,
+// no-store) revalidating a shared stale entry must not delete it for everyone.
+#[actix_web::test]
+async fn client_request_fields_do_not_drop_the_shared_entry_on_revalidation() {
+    let origin = TestOrigin::start().await;
+    origin.route("/shared-etag", |req, _| {
+        if req.header("if-none-match") == Some("\"s1\"") {
+            Reply::status(304)
+                .header("etag", "\"s1\"")
+                .header("cache-control", "max-age=10")
+        } else {
+            Reply::ok("shared")
+                .header("etag", "\"s1\"")
+                .header("cache-control", "max-age=10")
+        }
+    });
+    let proxy = TestProxy::start(&origin).await;
+    get(&proxy.url("/shared-etag"), &[]).await;
+    proxy.advance(Duration::from_secs(30));
+    let r = get(
+        &proxy.url("/shared-etag"),
+        &[("authorization", "Bearer x"), ("cache-control", "no-store")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "shared");
+    let after = get(&proxy.url("/shared-etag"), &[]).await;
+    assert!(
+        after.cache_status().starts_with("larder; hit"),
+        "entry was dropped: {}",
+        after.cache_status()
+    );
+    assert_eq!(origin.hits("/shared-etag"), 2);
+}
+
+// RFC 9111 §5.1 (review regression): a forwarded response keeps the Age its upstream gave it.
+#[actix_web::test]
+async fn forwarded_response_keeps_upstream_age() {
+    let origin = TestOrigin::start().await;
+    origin.fixed(
+        "/aged",
+        Reply::ok("x")
+            .header("age", "3000")
+            .header("cache-control", "max-age=3600"),
+    );
+    origin.fixed(
+        "/aged-pass",
+        Reply::ok("x")
+            .header("age", "77")
+            .header("cache-control", "no-store"),
+    );
+    let proxy = TestProxy::start(&origin).await;
+    assert_eq!(
+        get(&proxy.url("/aged"), &[]).await.header("age"),
+        Some("3000")
+    );
+    assert_eq!(
+        get(&proxy.url("/aged-pass"), &[]).await.header("age"),
+        Some("77")
+    );
+}
