@@ -498,7 +498,10 @@ fn freshen(
             }
         }
     };
-    let result = state.store.update_meta(&key, merged, freshness, generation);
+    let body = entry.body.blake3;
+    let result = state
+        .store
+        .update_meta(&key, &body, merged, freshness, generation);
     if let Err(e) = result {
         tracing::debug!(url = %entry.url, error = %e, "revalidation result not kept");
     }

@@ -446,6 +446,7 @@ impl Index {
     pub(super) fn update(
         &self,
         key: &VariantKey,
+        only_if_body: Option<&[u8; 32]>,
         change: &dyn Fn(&mut Entry),
     ) -> Result<bool, StoreError> {
         let found = self.txn(|tx| {
@@ -456,6 +457,11 @@ impl Index {
                 Ok(old) => old,
                 Err(e) => return Ok(Found::Undecodable(e)),
             };
+            // Replaced by another body since the caller read it: the change was meant for that
+            // older response, not for this one.
+            if only_if_body.is_some_and(|h| *h != old.body.blake3) {
+                return Ok(Found::Gone);
+            }
             let mut new = old.clone();
             change(&mut new);
             new.body = old.body.clone();

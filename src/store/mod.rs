@@ -480,6 +480,7 @@ impl Store {
     pub fn update_meta(
         &self,
         key: &VariantKey,
+        body: &[u8; 32],
         headers: HeaderList,
         freshness: Freshness,
         generation: u64,
@@ -491,7 +492,7 @@ impl Store {
         if shared.generation.load(Ordering::SeqCst) != generation {
             return Err(StoreError::Superseded);
         }
-        shared.index.update(key, &|e: &mut Entry| {
+        shared.index.update(key, Some(body), &|e: &mut Entry| {
             e.headers = headers.clone();
             e.freshness = freshness;
         })
@@ -754,7 +755,7 @@ impl Shared {
         for item in matching {
             let (key, _) = item?;
             let hit = if soft {
-                self.index.update(&key, &|e: &mut Entry| {
+                self.index.update(&key, None, &|e: &mut Entry| {
                     e.freshness = e.freshness.expired_at(now);
                 })?
             } else {
@@ -1026,11 +1027,20 @@ impl BodyWriter {
             Some(spill) => Some(spill.finish().await?),
             None => None,
         };
-        store
-            .shared()
-            .install_and_index(&key, &entry, &record, temp, generation)?;
-        store.after_commit();
-        Ok(entry)
+        // The rename, directory fsync and sled transaction block: keep them (and any eviction
+        // the commit triggers) off the async worker that serves requests.
+        tokio::task::spawn_blocking(move || {
+            store
+                .shared()
+                .install_and_index(&key, &entry, &record, temp, generation)?;
+            store.after_commit();
+            Ok(entry)
+        })
+        .await
+        .map_err(|e| StoreError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(format!("store commit task failed: {e}")),
+        })?
     }
 }
 

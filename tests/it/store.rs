@@ -605,7 +605,7 @@ async fn update_meta_replaces_headers_and_freshness_only() {
     let generation = store.purge_generation();
     assert!(
         store
-            .update_meta(&k, headers.clone(), fresh, generation)
+            .update_meta(&k, &e.body.blake3, headers.clone(), fresh, generation)
             .unwrap()
     );
     let got = store.get(&k).unwrap().unwrap();
@@ -625,7 +625,13 @@ async fn update_meta_replaces_headers_and_freshness_only() {
     let (_, missing) = key("http://x/missing");
     assert!(
         !store
-            .update_meta(&missing, HeaderList::new(), fresh, generation)
+            .update_meta(
+                &missing,
+                &e.body.blake3,
+                HeaderList::new(),
+                fresh,
+                generation
+            )
             .unwrap()
     );
     // A revalidation that began before a purge does not refreshen what the purge touched.
@@ -634,10 +640,19 @@ async fn update_meta_replaces_headers_and_freshness_only() {
         .unwrap();
     let stale = store.get(&k).unwrap().unwrap();
     assert!(matches!(
-        store.update_meta(&k, headers.clone(), fresh, generation),
+        store.update_meta(&k, &e.body.blake3, headers.clone(), fresh, generation),
         Err(StoreError::Superseded)
     ));
     assert_eq!(store.get(&k).unwrap().unwrap().freshness, stale.freshness);
+    // A 304 for the old body does not relabel a newer body stored under the same key.
+    let newer = put(&store, k, entry("http://x/u", &["t"]), b"a different body").await;
+    let generation = store.purge_generation();
+    assert!(
+        !store
+            .update_meta(&k, &e.body.blake3, headers.clone(), fresh, generation)
+            .unwrap()
+    );
+    assert_eq!(store.get(&k).unwrap().unwrap().headers, newer.headers);
 }
 
 #[tokio::test]
