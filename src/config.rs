@@ -98,6 +98,7 @@ pub struct RawCache {
     pub share_set_cookie: Option<bool>,
     pub coalesce_timeout: Option<String>,
     pub coalesce_max_body: Option<String>,
+    pub coalesce_memory: Option<String>,
     pub remember_uncacheable: Option<String>,
     pub range_fill_max: Option<String>,
 }
@@ -150,6 +151,8 @@ pub struct CoalesceConfig {
     pub timeout: Duration,
     /// Largest body shared with waiting requests through memory.
     pub max_body: u64,
+    /// Bound on the memory of all shared bodies together.
+    pub total_memory: u64,
     /// How long a URL that answered uncacheable is fetched per request instead of coalesced.
     pub remember_uncacheable: Duration,
     /// A Range request for an unstored URL fetches the full object (and stores it) only up to
@@ -384,6 +387,10 @@ impl Config {
             max_body: match &c.coalesce_max_body {
                 Some(s) => parse_bytes(s).map_err(|m| bad("cache.coalesce_max_body", m))?,
                 None => 64 << 20,
+            },
+            total_memory: match &c.coalesce_memory {
+                Some(s) => parse_bytes(s).map_err(|m| bad("cache.coalesce_memory", m))?,
+                None => 256 << 20,
             },
             remember_uncacheable: duration_or(&c.remember_uncacheable, "30s")
                 .map_err(|m| bad("cache.remember_uncacheable", m))?,

@@ -117,6 +117,7 @@ impl Larder {
             config.coalescing.remember_uncacheable,
             config.coalescing.timeout,
             config.coalescing.max_body,
+            config.coalescing.total_memory,
         ));
         let metrics = Arc::new(Metrics::new());
         let state = web::Data::new(ProxyState {

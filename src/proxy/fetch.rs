@@ -167,7 +167,7 @@ async fn fetch_alone(
     stale: Option<(VariantKey, Entry)>,
     fwd: &str,
 ) -> HttpResponse {
-    let flight = Arc::new(Flight::new());
+    let flight = state.flights.unshared();
     let (tx, solo) = mpsc::channel(CLIENT_CHANNEL_CHUNKS);
     start_lead(
         flight.clone(),

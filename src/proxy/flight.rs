@@ -7,6 +7,7 @@
 //! is shared, and never past `max_body` bytes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -29,17 +30,49 @@ pub struct Flights {
     pub wait_timeout: Duration,
     /// Largest body shared through memory; larger responses are not shared.
     pub max_body: u64,
+    /// Bytes held by all shared buffers together, against their common limit.
+    budget: Arc<Budget>,
 }
 
+/// The memory every flight's shared buffer draws from, so that many large concurrent misses
+/// cannot add up past one bound.
+struct Budget {
+    used: AtomicU64,
+    limit: u64,
+}
+
+/// Most uncacheable marks remembered at once.
+const MAX_UNCACHEABLE_MARKS: usize = 10_000;
+
 impl Flights {
-    pub fn new(remember_uncacheable: Duration, wait_timeout: Duration, max_body: u64) -> Self {
+    /// Coalescing with these bounds; `total_memory` caps all shared buffers together.
+    pub fn new(
+        remember_uncacheable: Duration,
+        wait_timeout: Duration,
+        max_body: u64,
+        total_memory: u64,
+    ) -> Self {
         Self {
             running: Mutex::new(HashMap::new()),
             uncacheable: Mutex::new(HashMap::new()),
             remember_uncacheable,
             wait_timeout,
             max_body,
+            budget: Arc::new(Budget {
+                used: AtomicU64::new(0),
+                limit: total_memory,
+            }),
         }
+    }
+
+    /// A flight nobody else can join (a request fetching on its own).
+    pub(crate) fn unshared(&self) -> Arc<Flight> {
+        Arc::new(Flight::new(self.budget.clone()))
+    }
+
+    /// Bytes currently held in shared buffers.
+    pub fn shared_bytes(&self) -> u64 {
+        self.budget.used.load(Ordering::Relaxed)
     }
 
     /// Joins the fetch running for `primary`, or starts a new one; true = the caller leads it.
@@ -48,7 +81,7 @@ impl Flights {
         if let Some(flight) = running.get(primary.hash()) {
             return (flight.clone(), false);
         }
-        let flight = Arc::new(Flight::new());
+        let flight = Arc::new(Flight::new(self.budget.clone()));
         running.insert(*primary.hash(), flight.clone());
         (flight, true)
     }
@@ -76,9 +109,13 @@ impl Flights {
             return;
         }
         let mut map = lock(&self.uncacheable);
-        // Bounded: drop expired marks when the map grows.
-        if map.len() >= 10_000 {
+        // Bounded: drop expired marks when the map is full, and if all are live, start over
+        // (forgetting a mark only costs one coalesced fetch), so no insert scans twice.
+        if map.len() >= MAX_UNCACHEABLE_MARKS {
             map.retain(|_, until| *until > now);
+            if map.len() >= MAX_UNCACHEABLE_MARKS / 2 {
+                map.clear();
+            }
         }
         map.insert(*primary.hash(), now + self.remember_uncacheable);
     }
@@ -144,14 +181,22 @@ struct State {
 pub(crate) struct Flight {
     state: Mutex<State>,
     version: watch::Sender<u64>,
+    budget: Arc<Budget>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let held = lock(&self.state).buffered;
+        self.budget.used.fetch_sub(held, Ordering::Relaxed);
+    }
 }
 
 impl Flight {
-    /// A flight not yet published.
-    pub(crate) fn new() -> Self {
+    fn new(budget: Arc<Budget>) -> Self {
         Self {
             state: Mutex::new(State::default()),
             version: watch::Sender::new(0),
+            budget,
         }
     }
 
@@ -165,13 +210,20 @@ impl Flight {
         self.changed();
     }
 
-    /// Appends a body chunk for the readers. False if the shared buffer would pass `max_body`:
-    /// the flight then ends in an error for its readers.
+    /// Appends a body chunk for the readers. False if the buffer would pass `max_body`, or all
+    /// shared buffers together their memory limit: the flight then ends in an error for its
+    /// readers and gives its memory back.
     pub(crate) fn push(&self, chunk: Bytes, max_body: u64) -> bool {
         let ok = {
             let mut state = lock(&self.state);
-            state.buffered += chunk.len() as u64;
-            if state.buffered > max_body {
+            let add = chunk.len() as u64;
+            let total = self.budget.used.fetch_add(add, Ordering::Relaxed) + add;
+            state.buffered += add;
+            if state.buffered > max_body || total > self.budget.limit {
+                self.budget
+                    .used
+                    .fetch_sub(state.buffered, Ordering::Relaxed);
+                state.buffered = 0;
                 state.overflowed = true;
                 state.chunks.clear();
                 state.end = Some(Err("response too large to share".into()));
@@ -270,4 +322,57 @@ impl Flight {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere must not wedge every later request on this lock.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flights(total: u64) -> Flights {
+        Flights::new(
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+            1 << 20,
+            total,
+        )
+    }
+
+    #[test]
+    fn shared_buffers_draw_from_one_memory_budget() {
+        let flights = flights(100);
+        let (a, _) = flights.join(&PrimaryKey::new("http", "h", "/a"));
+        let (b, _) = flights.join(&PrimaryKey::new("http", "h", "/b"));
+        assert!(a.push(Bytes::from(vec![0u8; 60]), 1 << 20));
+        assert_eq!(flights.shared_bytes(), 60);
+        // Together they would pass the budget: the second flight overflows and gives back its bytes.
+        assert!(!b.push(Bytes::from(vec![0u8; 60]), 1 << 20));
+        assert!(b.overflowed());
+        assert_eq!(flights.shared_bytes(), 60);
+        // A finished flight returns its memory when the last reader lets go.
+        flights.detach(&PrimaryKey::new("http", "h", "/a"), &a);
+        drop(a);
+        assert_eq!(flights.shared_bytes(), 0);
+    }
+
+    #[test]
+    fn one_flight_may_not_pass_max_body() {
+        let flights = flights(1 << 30);
+        let f = flights.unshared();
+        assert!(f.push(Bytes::from(vec![0u8; 10]), 15));
+        assert!(!f.push(Bytes::from(vec![0u8; 10]), 15));
+        assert!(f.overflowed());
+        assert_eq!(flights.shared_bytes(), 0);
+    }
+
+    #[test]
+    fn uncacheable_marks_stay_bounded() {
+        let flights = flights(1 << 20);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        for i in 0..(MAX_UNCACHEABLE_MARKS * 3) {
+            flights.mark_uncacheable(&PrimaryKey::new("http", "h", &format!("/{i}")), now);
+        }
+        assert!(lock(&flights.uncacheable).len() <= MAX_UNCACHEABLE_MARKS);
+        let last = PrimaryKey::new("http", "h", &format!("/{}", MAX_UNCACHEABLE_MARKS * 3 - 1));
+        assert!(flights.recently_uncacheable(&last, now));
+    }
 }
