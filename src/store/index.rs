@@ -729,14 +729,17 @@ impl Index {
                 continue;
             };
             let ms = time_to_ms(entry.stored_at);
-            if self.access.get(&k).map_err(db_err)?.is_none() {
-                self.access
-                    .insert(&k, &ms.to_be_bytes()[..])
-                    .map_err(db_err)?;
-                self.lru
-                    .insert(expiry_row(ms, &key), EMPTY)
-                    .map_err(db_err)?;
-            }
+            // Both rows in one transaction: an interrupted upgrade re-runs this step, and an
+            // entry must never keep an access row without its place in the order.
+            (&self.access, &self.lru)
+                .transaction(|(a, l)| {
+                    if a.get(key.as_bytes())?.is_none() {
+                        a.insert(&key.as_bytes()[..], &ms.to_be_bytes()[..])?;
+                        l.insert(expiry_row(ms, &key), EMPTY)?;
+                    }
+                    Ok::<(), ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(tx_err)?;
         }
         self.meta
             .insert(STAT_RECORD_BYTES, &record_bytes.to_be_bytes()[..])
