@@ -255,6 +255,7 @@ run_wrk() {
 
 rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$LARDER_PID/status"; }
 
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 nproxies=${#PROXIES[@]}
 log "hit runs: $RUNS x sizes ($SIZES) x proxies (${PROXIES[*]}) x $DURATION"
 before_hits=$(origin_count)
@@ -303,6 +304,7 @@ REPORT=$TMP/report.txt
 {
     echo "Load benchmark $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))"
     echo "wrk -t1 -c$CONNS -d$DURATION, $RUNS interleaved runs, medians; wrk on cpu $LG_CPU, origin+proxies on cpu $SRV_CPU"
+    echo "load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine makes numbers noisy)"
     echo "versions: larder $("$LARDER_BIN" --version | awk '{print $2}'), $("$NGINX_BIN" -v 2>&1 | sed 's/.*: //'), $(varnishd -V 2>&1 | head -1 | sed 's/varnishd (\([^ ]*\) .*/\1/')"
     echo
     echo "Hit path (origin requests during the hit runs: $ORIGIN_DURING_HITS)"
