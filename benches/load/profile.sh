@@ -46,7 +46,7 @@ perf record -q -F 499 -e cpu-clock --call-graph dwarf,32768 -o "$TMP/perf.data" 
 wait $WRK || true
 grep -E 'Requests/sec' "$TMP/wrk.txt"
 echo "== top self cost (perf report --no-children) =="
-perf report -i "$TMP/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0.7 2>/dev/null | grep -v '^#' | grep -v '^$' | head -30
+perf report -i "$TMP/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0.7 2>/dev/null | grep -v '^#' | grep -v '^$' | sed -E 's/ +- +- *$//; s/ +$//' | head -30
 echo "== top inclusive cost (--children), larder symbols =="
-perf report -i "$TMP/perf.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^#' | grep -E 'larder|actix|sled|blake3|bincode|tokio' | head -40
+perf report -i "$TMP/perf.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^#' | sed -E 's/ +- +- *$//; s/ +$//' | grep -E 'larder::|sled::|blake3|bincode|sendto|recvfrom' | head -40
 if [[ ${KEEP_TMP:-0} == 1 ]]; then echo "perf data kept in $TMP/perf.data"; fi
