@@ -81,6 +81,7 @@ pub struct RawStorage {
     pub max_size: Option<String>,
     pub max_object_size: Option<String>,
     pub memory_cache: Option<String>,
+    pub hot_cache: Option<String>,
     pub sweep_interval: Option<String>,
     pub keep_revalidatable: Option<String>,
 }
@@ -180,6 +181,8 @@ pub struct StorageConfig {
     pub max_object_size: u64,
     /// sled's page cache, which holds hot records and inline bodies in memory.
     pub memory_cache: u64,
+    /// The in-memory hot tier: decoded records and verified bodies of recently used URLs.
+    pub hot_cache: u64,
     /// Expiry sweeping.
     pub sweep: crate::maintenance::SweepConfig,
 }
@@ -323,6 +326,10 @@ impl Config {
             Some(s) => parse_bytes(s).map_err(|m| bad("storage.memory_cache", m))?,
             None => 64 << 20,
         };
+        let hot_cache = match &raw.storage.hot_cache {
+            Some(s) => parse_bytes(s).map_err(|m| bad("storage.hot_cache", m))?,
+            None => 64 << 20,
+        };
         let sweep = crate::maintenance::SweepConfig {
             interval: duration_or(&raw.storage.sweep_interval, "60s")
                 .map_err(|m| bad("storage.sweep_interval", m))?,
@@ -342,6 +349,7 @@ impl Config {
             max_size,
             max_object_size,
             memory_cache,
+            hot_cache,
             sweep,
         };
         if storage.path.as_os_str().is_empty() {

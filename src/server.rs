@@ -93,6 +93,7 @@ impl Larder {
         let store_options = StoreOptions {
             cache_capacity: config.storage.memory_cache,
             max_size: Some(config.storage.max_size),
+            hot_cache: config.storage.hot_cache,
             ..StoreOptions::default()
         };
         let store = Store::open(&config.storage.path, store_options).map_err(|source| {

@@ -20,7 +20,7 @@ use crate::clock::Clock;
 use crate::key::{PrimaryKey, VariantKey};
 use crate::metrics::Metrics;
 use crate::policy::{self, HeaderList, Lookup, PolicyOptions};
-use crate::store::{Entry, Store};
+use crate::store::{Entry, Store, Variant, Variants};
 use crate::upstream::Upstream;
 
 pub use flight::Flights;
@@ -112,16 +112,16 @@ async fn lookup_cached(
     upstream: web::Data<Upstream>,
 ) -> HttpResponse {
     let primary = PrimaryKey::new("http", &ctx.host, &ctx.path_and_query);
-    let variants = match state.store.variants(&primary) {
+    let variants = match state.store.lookup(&primary) {
         Ok(v) => v,
         Err(e) => {
             // A store fault must not take the request down with it: go to the origin.
             tracing::warn!(url = %primary.url(), error = %e, "store lookup failed");
-            Vec::new()
+            Variants::from(Vec::new())
         }
     };
     let url_known = !variants.is_empty();
-    let Some((key, entry)) = select_variant(variants, &ctx.headers, &state.policy) else {
+    let Some(variant) = selected(&variants, &ctx.headers, &state.policy) else {
         if policy::CacheControl::from_request(&ctx.headers).only_if_cached {
             return respond::only_if_cached_miss();
         }
@@ -133,17 +133,11 @@ async fn lookup_cached(
         return fetch::fetch_for_cache(&ctx, &state, &upstream, primary, None, fwd).await;
     };
 
+    let (key, entry) = (&variant.key, &variant.entry);
     match policy::lookup(&ctx.headers, &entry.freshness, ctx.now) {
         Lookup::Fresh => {
-            if let Some(resp) = respond::from_store(
-                &ctx,
-                &state,
-                &key,
-                &entry,
-                CacheStatus::hit(&entry, ctx.now),
-            )
-            .await
-            {
+            let status = CacheStatus::hit(entry, ctx.now);
+            if let Some(resp) = respond::from_variant(&ctx, &state, variant, status).await {
                 return resp;
             }
         }
@@ -151,13 +145,13 @@ async fn lookup_cached(
             revalidate_in_background,
         } => {
             let detail = if revalidate_in_background {
-                fetch::refresh_in_background(&ctx, &state, &upstream, &primary, &key, &entry);
+                fetch::refresh_in_background(&ctx, &state, &upstream, &primary, key, entry);
                 "stale-while-revalidate"
             } else {
                 "stale"
             };
-            let status = CacheStatus::hit(&entry, ctx.now).with_detail(detail);
-            if let Some(resp) = respond::from_store(&ctx, &state, &key, &entry, status).await {
+            let status = CacheStatus::hit(entry, ctx.now).with_detail(detail);
+            if let Some(resp) = respond::from_variant(&ctx, &state, variant, status).await {
                 return resp;
             }
         }
@@ -170,7 +164,7 @@ async fn lookup_cached(
                 &state,
                 &upstream,
                 primary,
-                Some((key, entry)),
+                Some((*key, entry.clone())),
                 "stale",
             )
             .await;
@@ -189,11 +183,27 @@ pub(crate) fn select_variant(
 ) -> Option<(VariantKey, Entry)> {
     variants
         .into_iter()
-        .filter(|(_, entry)| {
-            let fields: Vec<String> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
-            policy::vary_values(&fields, req, opts) == entry.vary
-        })
+        .filter(|(_, entry)| vary_matches(entry, req, opts))
         .max_by_key(|(_, entry)| entry.freshness.response_time)
+}
+
+/// [`select_variant`] over the store's shared copy: the hit path borrows, never clones.
+fn selected<'v>(
+    variants: &'v [Variant],
+    req: &HeaderList,
+    opts: &PolicyOptions,
+) -> Option<&'v Variant> {
+    variants
+        .iter()
+        .filter(|v| vary_matches(&v.entry, req, opts))
+        .max_by_key(|v| v.entry.freshness.response_time)
+}
+
+fn vary_matches(entry: &Entry, req: &HeaderList, opts: &PolicyOptions) -> bool {
+    entry.vary.is_empty() || {
+        let fields: Vec<String> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
+        policy::vary_values(&fields, req, opts) == entry.vary
+    }
 }
 
 /// Host as the client sent it: the Host field, or the authority of an absolute-form target.

@@ -4,16 +4,16 @@ use std::time::SystemTime;
 
 use actix_web::HttpResponse;
 use actix_web::HttpResponseBuilder;
-use actix_web::body::None as NoBody;
+use actix_web::body::{None as NoBody, SizedStream};
 use actix_web::http::StatusCode;
-use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures_util::stream;
 
 use super::{ProxyState, RequestCtx, range};
 use crate::key::VariantKey;
 use crate::policy::{self, ClientConditional, HeaderList};
-use crate::store::Entry;
+use crate::store::{Entry, Variant};
 
 /// Our `Via` member (RFC 9110 §7.6.3).
 pub(crate) const VIA: &str = "1.1 larder";
@@ -68,6 +68,19 @@ impl CacheStatus {
     }
 }
 
+/// A hit on a variant from [`Store::lookup`](crate::store::Store::lookup): like
+/// [`from_store`], but the full response's head is built once per hot copy of the record
+/// ([`PreparedHead`]) and only cloned per hit.
+pub(crate) async fn from_variant(
+    ctx: &RequestCtx,
+    state: &ProxyState,
+    variant: &Variant,
+    status: CacheStatus,
+) -> Option<HttpResponse> {
+    let head = variant.prepared(PreparedHead::of);
+    respond(ctx, state, &variant.key, &variant.entry, status, head).await
+}
+
 /// The stored response for this request: a 304 if the client's conditional matches,
 /// else the full response with `Age`. `None` if the body could not be opened (the store
 /// has then dropped the entry and the caller fetches anew).
@@ -77,6 +90,17 @@ pub(crate) async fn from_store(
     key: &VariantKey,
     entry: &Entry,
     status: CacheStatus,
+) -> Option<HttpResponse> {
+    respond(ctx, state, key, entry, status, None).await
+}
+
+async fn respond(
+    ctx: &RequestCtx,
+    state: &ProxyState,
+    key: &VariantKey,
+    entry: &Entry,
+    status: CacheStatus,
+    head: Option<&PreparedHead>,
 ) -> Option<HttpResponse> {
     // Every use of a stored response counts for the eviction order (memory only).
     state.store.touch(key, ctx.now);
@@ -90,6 +114,18 @@ pub(crate) async fn from_store(
         finish_headers(&mut builder, &status, &entry.headers, Some(age));
         return Some(builder.body(NoBody::new()));
     }
+    // RFC 9110 §14.2: Range after the conditionals above (§13.2.2), from the stored bytes.
+    let range = range::select(ctx, entry.status, &entry.headers, Some(entry.body.len));
+    if let (Some(head), None, false) = (head, &range, ctx.is_head) {
+        let body = match state.store.open_body(key, entry).await {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::warn!(url = %entry.url, error = %e, "stored body unusable; refetching");
+                return None;
+            }
+        };
+        return Some(head.response(SizedStream::new(entry.body.len, body), age, &status));
+    }
 
     let mut builder = HttpResponse::build(status_code(entry.status));
     copy_headers(&mut builder, &entry.headers);
@@ -98,8 +134,7 @@ pub(crate) async fn from_store(
         // RFC 9110 §14.3: we answer byte ranges of every complete response we serve.
         builder.insert_header(("accept-ranges", "bytes"));
     }
-    // RFC 9110 §14.2: Range after the conditionals above (§13.2.2), from the stored bytes.
-    if let Some(reply) = range::select(ctx, entry.status, &entry.headers, Some(entry.body.len)) {
+    if let Some(reply) = range {
         return match range::from_store(builder, reply, ctx.is_head, &state.store, key, entry).await
         {
             Ok(resp) => Some(resp),
@@ -122,6 +157,60 @@ pub(crate) async fn from_store(
             tracing::warn!(url = %entry.url, error = %e, "stored body unusable; refetching");
             None
         }
+    }
+}
+
+/// The head of a stored full response, in actix's types, minus what changes per hit (Age and
+/// our Cache-Status member): converting and validating every stored field once per hot copy of
+/// the record instead of on every hit is most of what a small hit costs.
+pub(crate) struct PreparedHead {
+    status: StatusCode,
+    headers: HeaderMap,
+    /// The upstream's Cache-Status list, to which each hit appends its own member.
+    upstream_cache_status: Option<String>,
+}
+
+impl PreparedHead {
+    fn of(entry: &Entry) -> PreparedHead {
+        let mut builder = HttpResponse::build(status_code(entry.status));
+        copy_headers(&mut builder, &entry.headers);
+        builder.insert_header(("via", append_member(entry.headers.joined("via"), VIA)));
+        if entry.status == 200 {
+            // RFC 9110 §14.3: we answer byte ranges of every complete response we serve.
+            builder.insert_header(("accept-ranges", "bytes"));
+        }
+        let template = builder.finish();
+        PreparedHead {
+            status: template.status(),
+            headers: template.headers().clone(),
+            upstream_cache_status: entry
+                .headers
+                .joined("cache-status")
+                .filter(|l| !l.trim().is_empty()),
+        }
+    }
+
+    fn response<S>(
+        &self,
+        body: SizedStream<S>,
+        age: u64,
+        cache_status: &CacheStatus,
+    ) -> HttpResponse
+    where
+        S: futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Unpin + 'static,
+    {
+        let mut resp = HttpResponse::with_body(self.status, body).map_into_boxed_body();
+        let headers = resp.headers_mut();
+        *headers = self.headers.clone();
+        headers.insert(HeaderName::from_static("age"), HeaderValue::from(age));
+        let ours = match &self.upstream_cache_status {
+            Some(list) => HeaderValue::from_str(&format!("{list}, {}", cache_status.as_str())),
+            None => HeaderValue::from_str(cache_status.as_str()),
+        };
+        if let Ok(value) = ours {
+            headers.insert(HeaderName::from_static("cache-status"), value);
+        }
+        resp
     }
 }
 

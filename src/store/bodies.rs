@@ -370,8 +370,19 @@ impl Stream for BodyStream {
         let read = match &mut this.state {
             State::Done => return Poll::Ready(None),
             State::Inline(body) => {
-                let out = body.take();
-                this.state = State::Done;
+                // Handed out in CHUNK slices (no copy): the connection then asks for more only
+                // as the socket drains, instead of buffering a whole large body per client.
+                let out = match body.take() {
+                    Some(mut rest) if rest.len() > CHUNK => {
+                        let first = rest.split_to(CHUNK);
+                        *body = Some(rest);
+                        Some(first)
+                    }
+                    last => {
+                        this.state = State::Done;
+                        last
+                    }
+                };
                 return Poll::Ready(out.map(Ok));
             }
             State::File(read) => read,

@@ -17,6 +17,7 @@
 mod bodies;
 mod error;
 mod format;
+mod hot;
 mod index;
 mod migrate;
 
@@ -33,6 +34,7 @@ use futures_util::StreamExt;
 pub use bodies::BodyStream;
 pub use error::StoreError;
 pub use format::{FormatError, MAX_INLINE_MAX};
+pub use hot::{Variant, Variants};
 pub use migrate::CURRENT_SCHEMA;
 
 use bodies::{Bodies, SpillFile};
@@ -56,6 +58,9 @@ pub struct StoreOptions {
     /// Bound on [`Store::usage`]; past it, least recently used entries are evicted down to
     /// [`EVICT_TO_PERCENT`] of it. `None` = unbounded. Default `None`.
     pub max_size: Option<u64>,
+    /// Bytes of the in-memory hot tier (decoded records and verified bodies of recently used
+    /// URLs; bodies up to 3/32 of it are kept whole). `0` = off. Default 0.
+    pub hot_cache: u64,
 }
 
 impl Default for StoreOptions {
@@ -65,6 +70,7 @@ impl Default for StoreOptions {
             cache_capacity: 64 * 1024 * 1024,
             flush_every_ms: Some(500),
             max_size: None,
+            hot_cache: 0,
         }
     }
 }
@@ -180,6 +186,8 @@ struct Shared {
     quarantined: Option<PathBuf>,
     /// Body files hashed whole by a range read and found intact (see [`Store::open_body_range`]).
     verified: bodies::Verified,
+    /// Recently used records and verified bodies in memory; every index mutation invalidates.
+    hot: hot::Hot,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -231,6 +239,7 @@ impl Store {
             evictions: AtomicU64::new(0),
             over_budget: AtomicBool::new(false),
             verified: bodies::Verified::default(),
+            hot: hot::Hot::new(opts.hot_cache),
         });
         let flusher = opts
             .flush_every_ms
@@ -266,6 +275,24 @@ impl Store {
         self.shared().index.scan_primary(primary.hash()).collect()
     }
 
+    /// Every stored variant of a URL, for serving: from the hot tier when it holds the URL,
+    /// else read from the index (and kept in the hot tier).
+    pub fn lookup(&self, primary: &PrimaryKey) -> Result<Variants, StoreError> {
+        let s = self.shared();
+        if let Some(hit) = s.hot.records(primary.hash()) {
+            return Ok(hit);
+        }
+        let version = s.hot.records_version();
+        let variants: Variants = s
+            .index
+            .scan_primary(primary.hash())
+            .map(|item| item.map(|(key, entry)| Variant::new(key, entry)))
+            .collect::<Result<_, _>>()?;
+        s.hot
+            .keep_records(*primary.hash(), variants.clone(), version);
+        Ok(variants)
+    }
+
     /// The entry stored under `key`.
     pub fn get(&self, key: &VariantKey) -> Result<Option<Entry>, StoreError> {
         self.shared().index.get(key)
@@ -283,6 +310,11 @@ impl Store {
         entry: &Entry,
     ) -> Result<BodyStream, StoreError> {
         let body = &entry.body;
+        let hot = &self.shared().hot;
+        // A held copy matched this very hash when it was taken: no disk read, no re-hash.
+        if let Some(verified) = hot.body(&body.blake3) {
+            return Ok(BodyStream::inline(verified));
+        }
         if let Some(inline) = &body.inline {
             if inline.len() as u64 != body.len || *blake3::hash(inline).as_bytes() != body.blake3 {
                 self.drop_damaged(
@@ -295,9 +327,13 @@ impl Store {
                     url: entry.url.clone(),
                 });
             }
+            hot.keep_body(body.blake3, inline.clone());
             return Ok(BodyStream::inline(inline.clone()));
         }
         let path = self.shared().bodies.path_of(&body.blake3);
+        if hot.takes_body(body.len) {
+            return self.read_body_file_whole(key, entry, path).await;
+        }
         let file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -317,6 +353,44 @@ impl Store {
             entry.url.clone(),
             on_damage,
         ))
+    }
+
+    /// A body file small enough for the hot tier: read whole off the async worker, checked,
+    /// kept, and served from memory.
+    async fn read_body_file_whole(
+        &self,
+        key: &VariantKey,
+        entry: &Entry,
+        path: PathBuf,
+    ) -> Result<BodyStream, StoreError> {
+        let (at, len, hash) = (path.clone(), entry.body.len, entry.body.blake3);
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Bytes>> {
+            let bytes = std::fs::read(&at)?;
+            let intact = bytes.len() as u64 == len && *blake3::hash(&bytes).as_bytes() == hash;
+            Ok(intact.then(|| Bytes::from(bytes)))
+        })
+        .await
+        .map_err(|e| StoreError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        match read {
+            Ok(Some(verified)) => {
+                self.shared().hot.keep_body(hash, verified.clone());
+                Ok(BodyStream::inline(verified))
+            }
+            Ok(None) => {
+                self.drop_damaged(key, &hash, &entry.url, "body file does not match its hash");
+                Err(StoreError::BodyCorrupt {
+                    url: entry.url.clone(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.drop_damaged(key, &hash, &entry.url, "body file is missing");
+                Err(StoreError::BodyMissing(path))
+            }
+            Err(e) => Err(StoreError::Io { path, source: e }),
+        }
     }
 
     /// `len` bytes of the body of `entry` starting at byte `start`, verified, for a range request.
@@ -346,6 +420,11 @@ impl Store {
                 body.len
             )));
         }
+        // In range by the check above, and an inline or hot body is small.
+        let (from, to) = (start as usize, (start + len) as usize);
+        if let Some(verified) = self.shared().hot.body(&body.blake3) {
+            return Ok(BodyStream::inline(verified.slice(from..to)));
+        }
         if let Some(inline) = &body.inline {
             if inline.len() as u64 != body.len || *blake3::hash(inline).as_bytes() != body.blake3 {
                 self.drop_damaged(
@@ -358,8 +437,6 @@ impl Store {
                     url: entry.url.clone(),
                 });
             }
-            // In range by the check above, and an inline body is small.
-            let (from, to) = (start as usize, (start + len) as usize);
             return Ok(BodyStream::inline(inline.slice(from..to)));
         }
         let path = self.shared().bodies.path_of(&body.blake3);
@@ -492,10 +569,12 @@ impl Store {
         if shared.generation.load(Ordering::SeqCst) != generation {
             return Err(StoreError::Superseded);
         }
-        shared.index.update(key, Some(body), &|e: &mut Entry| {
+        let updated = shared.index.update(key, Some(body), &|e: &mut Entry| {
             e.headers = headers.clone();
             e.freshness = freshness;
-        })
+        });
+        shared.hot.invalidate(key);
+        updated
     }
 
     /// The current purge generation; pass it to `update_meta` from before the origin request.
@@ -752,6 +831,8 @@ impl Shared {
         now: SystemTime,
     ) -> Result<usize, StoreError> {
         let mut affected = 0;
+        // However the purge ends, nothing it may have changed stays in memory.
+        let _forget = ForgetHotRecords(&self.hot);
         for item in matching {
             let (key, _) = item?;
             let hit = if soft {
@@ -771,7 +852,9 @@ impl Shared {
         key: &VariantKey,
         only_if_body: Option<&[u8; 32]>,
     ) -> Result<bool, StoreError> {
-        match self.index.remove(key, only_if_body)? {
+        let removed = self.index.remove(key, only_if_body);
+        self.hot.invalidate(key);
+        match removed? {
             Some(freed) => {
                 lock(&self.released).extend(freed);
                 Ok(true)
@@ -799,7 +882,9 @@ impl Shared {
             self.bodies.install(temp, &entry.body.blake3)?;
         }
         let stamp = self.next_stamp(format::time_to_ms(entry.stored_at));
-        match self.index.commit(key, record, entry, stamp) {
+        let committed = self.index.commit(key, record, entry, stamp);
+        self.hot.invalidate(key);
+        match committed {
             Ok(freed) => {
                 released.extend(freed);
                 Ok(())
@@ -848,6 +933,15 @@ impl Shared {
         self.index.flush()?;
         self.unlink_released(std::mem::take(&mut released.hashes));
         Ok(())
+    }
+}
+
+/// Drops every hot record when a purge ends, by whatever path.
+struct ForgetHotRecords<'a>(&'a hot::Hot);
+
+impl Drop for ForgetHotRecords<'_> {
+    fn drop(&mut self) {
+        self.0.invalidate_all();
     }
 }
 
