@@ -24,13 +24,13 @@ impl PrimaryKey {
     /// removed (80 for http, 443 for https), path and query as sent.
     /// The readable URL is `scheme://host[:port]/path?query`.
     pub fn new(scheme: &str, host: &str, path_and_query: &str) -> PrimaryKey {
-        let scheme = scheme.to_ascii_lowercase();
-        let authority = normalize_authority(&scheme, host);
+        // Built in one allocation: this runs on every request, hits included.
         let mut url =
-            String::with_capacity(scheme.len() + 3 + authority.len() + path_and_query.len() + 1);
-        url.push_str(&scheme);
+            String::with_capacity(scheme.len() + 3 + host.len() + path_and_query.len() + 1);
+        url.push_str(scheme);
+        url.make_ascii_lowercase();
         url.push_str("://");
-        url.push_str(&authority);
+        push_authority(&mut url, scheme.len(), host);
         // An empty target (or a bare query) still names the root resource.
         if !path_and_query.starts_with('/') {
             url.push('/');
@@ -81,39 +81,49 @@ impl fmt::Display for PrimaryKey {
     }
 }
 
-/// Lower-cases the host and drops the scheme's default port (RFC 9110 §4.2.3), keeping IPv6
-/// brackets. An unparsable port is kept as sent: it still identifies *some* resource uniquely.
-fn normalize_authority(scheme: &str, host: &str) -> String {
-    let host = host.to_ascii_lowercase();
+/// Appends the host lower-cased, without the scheme's default port (RFC 9110 §4.2.3), keeping
+/// IPv6 brackets. An unparsable port is kept as sent: it still identifies *some* resource
+/// uniquely. The scheme is `url[..scheme_len]`, already lower-cased.
+fn push_authority(url: &mut String, scheme_len: usize, host: &str) {
+    // Splitting before lower-casing is the same split: only ASCII letters change.
     let (name, port) = if host.starts_with('[') {
         match host.find(']') {
             Some(close) => {
                 let (name, after) = host.split_at(close + 1);
                 (name, after.strip_prefix(':'))
             }
-            None => (host.as_str(), None),
+            None => (host, None),
         }
     } else {
         match host.rsplit_once(':') {
             // A second colon means an unbracketed IPv6 literal: no port to split off.
             Some((name, port)) if !name.contains(':') => (name, Some(port)),
-            _ => (host.as_str(), None),
+            _ => (host, None),
         }
     };
-    let default = match scheme {
+    let default = match &url[..scheme_len] {
         "http" => Some(80),
         "https" => Some(443),
         _ => None,
     };
+    let start = url.len();
+    url.push_str(name);
     match port {
         // "host:" has an empty port, which means the default (RFC 3986 §3.2.3).
-        None | Some("") => name.to_string(),
+        None | Some("") => {}
         Some(p) => match p.parse::<u16>() {
-            Ok(n) if Some(n) == default => name.to_string(),
-            Ok(n) => format!("{name}:{n}"),
-            Err(_) => format!("{name}:{p}"),
+            Ok(n) if Some(n) == default => {}
+            Ok(n) => {
+                use std::fmt::Write;
+                let _ = write!(url, ":{n}");
+            }
+            Err(_) => {
+                url.push(':');
+                url.push_str(p);
+            }
         },
     }
+    url[start..].make_ascii_lowercase();
 }
 
 /// A variant of a primary key: the primary hash followed by the blake3 of the normalized request

@@ -1,8 +1,9 @@
 //! The request path: key → store lookup → policy decision → hit, or a fetch from the origin that is stored on the way back.
 //!
 //! This is the only module that joins HTTP I/O (actix) with `policy` and `store`. The hit
-//! path is `handle` → `lookup_cached` → `respond::from_store`; everything that talks to the
-//! origin lives in `fetch`.
+//! path is `handle` → `lookup_cached` → `respond::from_variant`; everything that talks to the
+//! origin lives in `fetch`, and its futures are boxed where they are awaited so that the
+//! future every request allocates stays the size of the hit path's.
 
 mod fetch;
 mod flight;
@@ -101,7 +102,7 @@ pub async fn handle(
         } else {
             "method"
         };
-        return fetch::pass(&ctx, &state, &upstream, Some(payload), fwd).await;
+        return Box::pin(fetch::pass(&ctx, &state, &upstream, Some(payload), fwd)).await;
     }
     lookup_cached(ctx, state, upstream).await
 }
@@ -127,10 +128,13 @@ async fn lookup_cached(
         }
         if ctx.is_head {
             // A HEAD miss would store no body; ask the origin and store nothing.
-            return fetch::pass(&ctx, &state, &upstream, None, "miss").await;
+            return Box::pin(fetch::pass(&ctx, &state, &upstream, None, "miss")).await;
         }
         let fwd = if url_known { "vary-miss" } else { "miss" };
-        return fetch::fetch_for_cache(&ctx, &state, &upstream, primary, None, fwd).await;
+        return Box::pin(fetch::fetch_for_cache(
+            &ctx, &state, &upstream, primary, None, fwd,
+        ))
+        .await;
     };
 
     let (key, entry) = (&variant.key, &variant.entry);
@@ -159,19 +163,22 @@ async fn lookup_cached(
             if policy::CacheControl::from_request(&ctx.headers).only_if_cached {
                 return respond::only_if_cached_miss();
             }
-            return fetch::fetch_for_cache(
+            return Box::pin(fetch::fetch_for_cache(
                 &ctx,
                 &state,
                 &upstream,
                 primary,
                 Some((*key, entry.clone())),
                 "stale",
-            )
+            ))
             .await;
         }
     }
     // The stored body was damaged or missing; the store has dropped the entry. Fetch anew.
-    fetch::fetch_for_cache(&ctx, &state, &upstream, primary, None, "miss").await
+    Box::pin(fetch::fetch_for_cache(
+        &ctx, &state, &upstream, primary, None, "miss",
+    ))
+    .await
 }
 
 /// The stored variant this request selects (RFC 9111 §4.1): the newest one whose Vary'd
