@@ -198,15 +198,18 @@ pub fn storable(
     })
 }
 
-/// RFC 9111 §4.2.1 / §5.3: Expires − Date. An invalid date, "0", or several different
-/// Expires lines mean "already expired" (§5.3, §4.2.1 "considered stale").
+/// RFC 9111 §4.2.1 / §5.3: Expires − Date. An invalid date, "0", or several Expires lines that
+/// name different instants mean "already expired" (§5.3, §4.2.1 "considered stale"); repeats
+/// of one instant, however spelled, are that instant.
 fn expires_lifetime(resp: &HeaderList, date: SystemTime) -> Duration {
-    let mut lines = resp.get_all("expires");
-    let first = lines.next().unwrap_or_default();
-    if lines.any(|other| other != first) {
+    let mut lines = resp.get_all("expires").map(parse_http_date);
+    let Some(Some(expires)) = lines.next() else {
+        return Duration::ZERO;
+    };
+    if lines.any(|other| other != Some(expires)) {
         return Duration::ZERO;
     }
-    parse_http_date(first).map_or(Duration::ZERO, |expires| elapsed(date, expires))
+    elapsed(date, expires)
 }
 
 /// RFC 9111 §4.2.2: a fraction of the time since Last-Modified, measured at Date (or at
@@ -480,6 +483,17 @@ mod tests {
         rfc9111_5_3_non_gmt_expires_invalid: ("GET", NONE, 200, &[("expires", "Sun, 06 Nov 2033 08:49:37 PST"), ("etag", "\"x\"")]) => |s| life(s) == 0;
         rfc9111_4_2_1_repeated_different_expires_is_stale: ("GET", NONE, 200, &[("date", &d(0)), ("expires", &d(60)), ("expires", &d(600)), ("etag", "\"x\"")]) => |s| life(s) == 0;
         rfc9111_4_2_1_repeated_identical_expires_ok: ("GET", NONE, 200, &[("date", &d(0)), ("expires", &d(60)), ("expires", &d(60))]) => |s| life(s) == 60;
+        rfc9111_4_2_1_same_instant_other_spelling_ok: ("GET", NONE, 200, &[("date", "Sun, 06 Nov 1994 08:49:37 GMT"), ("expires", "Sun, 06 Nov 1994 08:50:37 GMT"), ("expires", "sunday, 06-nov-94 08:50:37 gmt")]) => |s| life(s) == 60;
+        rfc9111_4_2_1_repeated_expires_one_invalid_is_stale: ("GET", NONE, 200, &[("date", &d(0)), ("expires", &d(60)), ("expires", "never"), ("etag", "\"x\"")]) => |s| life(s) == 0;
+        // RFC 9111 §4.2.1: repeated max-age / s-maxage: identical kept, differing considered stale.
+        rfc9111_4_2_1_differing_max_age_stored_stale: ("GET", NONE, 200, &[("cache-control", "max-age=0, max-age=60"), ("etag", "\"x\"")]) => |s| life(s) == 0;
+        rfc9111_4_2_1_differing_max_age_without_validator: ("GET", NONE, 200, &[("cache-control", "max-age=600"), ("cache-control", "max-age=60")]) => |s| why(s) == Some(NotStorable::NoFreshness);
+        rfc9111_4_2_1_identical_max_age_lines: ("GET", NONE, 200, &[("cache-control", "max-age=60"), ("cache-control", "max-age=60")]) => |s| life(s) == 60;
+        rfc9111_4_2_1_differing_s_maxage_stale: ("GET", NONE, 200, &[("cache-control", "s-maxage=60, s-maxage=600, max-age=600"), ("etag", "\"x\"")]) => |s| life(s) == 0;
+        // RFC 9111 §4.2.1 "the most restrictive directive should be honored".
+        rfc9111_4_2_1_public_private_is_private: ("GET", NONE, 200, &[("cache-control", "public, private, max-age=60")]) => |s| why(s) == Some(NotStorable::Private);
+        rfc9111_4_2_1_public_no_store_is_no_store: ("GET", NONE, 200, &[("cache-control", "public, max-age=60, no-store")]) => |s| why(s) == Some(NotStorable::NoStore);
+        rfc9111_4_2_1_no_store_on_other_line_wins: ("GET", NONE, 200, &[("cache-control", "public, max-age=60"), ("cache-control", "no-store")]) => |s| why(s) == Some(NotStorable::NoStore);
         // Expires suppresses heuristics even when invalid (it is explicit).
         rfc9111_4_2_2_invalid_expires_beats_heuristic: ("GET", NONE, 200, &[("expires", "never"), ("last-modified", &d(-100000))]) => |s| life(s) == 0;
         // RFC 9111 §5.3: max-age makes Expires ignored; s-maxage beats both (§4.2.1).
@@ -524,8 +538,12 @@ mod tests {
         rfc9213_2_2_cdn_ignores_expires: ("GET", NONE, 200, &[("expires", &d(600)), ("cdn-cache-control", "must-revalidate"), ("date", &d(0)), ("last-modified", &d(-1000))]) => |s| life(s) == 100;
         rfc9213_2_1_invalid_cdn_falls_back: ("GET", NONE, 200, &[("cache-control", "max-age=60"), ("cdn-cache-control", "max-age=1.5")]) => |s| life(s) == 60;
         rfc9213_2_2_cdn_s_maxage: ("GET", NONE, 200, &[("cdn-cache-control", "s-maxage=90")]) => |s| life(s) == 90 && fr(s).must_revalidate;
-        surrogate_control_max_age: ("GET", NONE, 200, &[("cache-control", "max-age=5"), ("surrogate-control", "max-age=500")]) => |s| life(s) == 500;
-        surrogate_control_no_store: ("GET", NONE, 200, &[("cache-control", "max-age=5"), ("surrogate-control", "no-store")]) => |s| why(s) == Some(NotStorable::NoStore);
+        rfc9213_2_1_spaced_cdn_falls_back: ("GET", NONE, 200, &[("cache-control", "max-age=60"), ("cdn-cache-control", "max-age = 600")]) => |s| life(s) == 60;
+        rfc9213_2_1_upper_case_cdn_falls_back: ("GET", NONE, 200, &[("cache-control", "no-store"), ("cdn-cache-control", "Max-Age=600")]) => |s| why(s) == Some(NotStorable::NoStore);
+        rfc9213_2_1_cdn_last_duplicate_wins: ("GET", NONE, 200, &[("cdn-cache-control", "max-age=600, max-age=60")]) => |s| life(s) == 60;
+        // W3C Edge Architecture Specification 1.0, Surrogate-Control: the fallback target.
+        edge_arch_surrogate_control_max_age: ("GET", NONE, 200, &[("cache-control", "max-age=5"), ("surrogate-control", "max-age=500")]) => |s| life(s) == 500;
+        edge_arch_surrogate_control_no_store: ("GET", NONE, 200, &[("cache-control", "max-age=5"), ("surrogate-control", "no-store")]) => |s| why(s) == Some(NotStorable::NoStore);
         // Adversarial values.
         rfc9111_5_2_empty_cache_control_value: ("GET", NONE, 200, &[("cache-control", ""), ("date", &d(0)), ("last-modified", &d(-1000))]) => |s| life(s) == 100;
         rfc9110_5_6_1_stray_separators_in_cache_control: ("GET", NONE, 200, &[("cache-control", ",;=, max-age=60 ;,")]) => |s| life(s) == 60;

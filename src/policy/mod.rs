@@ -21,6 +21,7 @@ mod invalidation;
 pub mod range;
 #[cfg(test)]
 mod robustness;
+mod structured;
 mod syntax;
 mod validators;
 mod vary;
