@@ -259,6 +259,9 @@ pub enum Lookup {
     },
     /// Must contact the origin (conditionally when validators exist) before using it.
     MustRevalidate,
+    /// It cannot be used without the origin, and the request forbids asking it
+    /// (`only-if-cached`): answer 504 (RFC 9111 §5.2.1.7).
+    Unusable,
 }
 
 /// Decides how a stored response may answer this request (RFC 9111 §4, §5.2.1, RFC 5861).
@@ -270,6 +273,11 @@ pub enum Lookup {
 ///   the stale-while-revalidate window → `Stale { revalidate_in_background: true }` unless the
 ///   request sent `max-age` without `max-stale` (§5.2.1.1: the client does not want stale);
 ///   else within the request's `max-stale` → `Stale { revalidate_in_background: false }`.
+///   A request `max-stale=N` caps both: nothing more than N seconds stale is served
+///   (§5.2.1.2 "by no more than the specified number of seconds"), and `max-stale=0` accepts
+///   no staleness at all.
+/// - request `only-if-cached` (§5.2.1.7): where the answer would be `MustRevalidate`, it is
+///   `Unusable` instead (the client gets 504, the origin is not asked).
 pub fn lookup(req: &HeaderList, fresh: &Freshness, now: SystemTime) -> Lookup {
     // Fast path for the common hit: a request without Cache-Control or Pragma.
     let plain = !req.contains("cache-control") && !req.contains("pragma");
@@ -277,6 +285,20 @@ pub fn lookup(req: &HeaderList, fresh: &Freshness, now: SystemTime) -> Lookup {
         return Lookup::Fresh;
     }
     let cc = CacheControl::from_request(req);
+    match reuse(&cc, fresh, now) {
+        Lookup::MustRevalidate if cc.only_if_cached => Lookup::Unusable,
+        decision => decision,
+    }
+}
+
+/// When no stored response is selected for the request at all: true if it must be answered
+/// 504 without asking the origin, because it carries `only-if-cached` (RFC 9111 §5.2.1.7).
+pub fn miss_is_unusable(req: &HeaderList) -> bool {
+    req.contains("cache-control") && CacheControl::from_request(req).only_if_cached
+}
+
+/// [`lookup`] without the only-if-cached rule.
+fn reuse(cc: &CacheControl, fresh: &Freshness, now: SystemTime) -> Lookup {
     if fresh.no_cache || cc.no_cache {
         return Lookup::MustRevalidate;
     }
@@ -296,6 +318,9 @@ pub fn lookup(req: &HeaderList, fresh: &Freshness, now: SystemTime) -> Lookup {
         return Lookup::MustRevalidate;
     }
     let staleness = fresh.staleness(now);
+    if !client_accepts(cc.max_stale, staleness) {
+        return Lookup::MustRevalidate;
+    }
     let client_refuses_stale = cc.max_age.is_some() && cc.max_stale.is_none();
     if !client_refuses_stale && within(staleness, fresh.stale_while_revalidate) {
         return Lookup::Stale {
@@ -303,13 +328,20 @@ pub fn lookup(req: &HeaderList, fresh: &Freshness, now: SystemTime) -> Lookup {
         };
     }
     match cc.max_stale {
-        Some(MaxStale::Any) => Lookup::Stale {
+        Some(_) => Lookup::Stale {
             revalidate_in_background: false,
         },
-        Some(MaxStale::Limit(limit)) if staleness <= limit => Lookup::Stale {
-            revalidate_in_background: false,
-        },
-        _ => Lookup::MustRevalidate,
+        None => Lookup::MustRevalidate,
+    }
+}
+
+/// Whether the request's `max-stale` lets this much staleness through (RFC 9111 §5.2.1.2):
+/// absent or valueless sets no cap; `max-stale=N` accepts up to N seconds, and `max-stale=0`
+/// nothing, like a zero stale window.
+fn client_accepts(max_stale: Option<MaxStale>, staleness: Duration) -> bool {
+    match max_stale {
+        None | Some(MaxStale::Any) => true,
+        Some(MaxStale::Limit(limit)) => within(staleness, limit),
     }
 }
 
@@ -338,11 +370,7 @@ pub fn may_serve_stale_on_error(req: &HeaderList, fresh: &Freshness, now: System
     }
     let cc = CacheControl::from_request(req);
     cc.stale_if_error.is_some_and(|limit| staleness <= limit)
-        || match cc.max_stale {
-            Some(MaxStale::Any) => true,
-            Some(MaxStale::Limit(limit)) => staleness <= limit,
-            None => false,
-        }
+        || (cc.max_stale.is_some() && client_accepts(cc.max_stale, staleness))
 }
 
 /// The Age field value to send (RFC 9111 §5.1, §4.2.3): current_age in whole seconds, capped at 2^31.
@@ -765,7 +793,18 @@ mod tests {
         rfc9111_5_2_1_1_max_age_satisfied: (&[("cache-control", "max-age=100")], stored(200, 0, 0, 0), 50) => Lookup::Fresh;
         rfc9111_5_2_1_1_max_age_exceeded_while_fresh: (&[("cache-control", "max-age=100")], stored(200, 0, 0, 0), 150) => Lookup::MustRevalidate;
         rfc9111_5_2_1_1_max_age_refuses_swr: (&[("cache-control", "max-age=100")], stored(60, 0, 60, 0), 80) => Lookup::MustRevalidate;
-        rfc9111_5_2_1_1_max_age_with_max_stale_allows_swr: (&[("cache-control", "max-age=100, max-stale=1")], stored(60, 0, 60, 0), 80) => BG;
+        rfc9111_5_2_1_1_max_age_with_max_stale_allows_swr: (&[("cache-control", "max-age=100, max-stale=30")], stored(60, 0, 60, 0), 80) => BG;
+        // RFC 9111 §5.2.1.2 "by no more than the specified number of seconds": max-stale=N caps
+        // what the client accepts, also inside the origin's stale-while-revalidate window.
+        rfc9111_5_2_1_2_max_stale_caps_swr_with_max_age: (&[("cache-control", "max-age=100, max-stale=1")], stored(60, 0, 60, 0), 80) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_2_max_stale_caps_swr: (&[("cache-control", "max-stale=5")], stored(60, 0, 60, 0), 80) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_2_max_stale_cap_inclusive_in_swr: (&[("cache-control", "max-stale=20")], stored(60, 0, 60, 0), 80) => BG;
+        rfc9111_5_2_1_2_max_stale_larger_than_swr: (&[("cache-control", "max-stale=100")], stored(60, 0, 30, 0), 120) => STALE;
+        rfc9111_5_2_1_2_max_stale_zero_blocks_swr: (&[("cache-control", "max-stale=0")], stored(60, 0, 30, 0), 61) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_2_max_stale_zero_does_not_extend: (&[("cache-control", "max-stale=0")], stored(60, 0, 0, 0), 60) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_2_max_stale_zero_fresh_is_fresh: (&[("cache-control", "max-stale=0")], stored(60, 0, 30, 0), 59) => Lookup::Fresh;
+        rfc9111_5_2_1_2_invalid_max_stale_is_zero: (&[("cache-control", "max-stale=soon")], stored(60, 0, 30, 0), 70) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_2_smallest_repeated_max_stale_caps: (&[("cache-control", "max-stale=50, max-stale=5")], stored(60, 0, 0, 0), 80) => Lookup::MustRevalidate;
         rfc9111_5_2_1_1_invalid_max_age_is_zero: (&[("cache-control", "max-age=soon")], stored(60, 0, 0, 0), 1) => Lookup::MustRevalidate;
         // RFC 9111 §5.2.1.3
         rfc9111_5_2_1_3_min_fresh_unmet: (&[("cache-control", "min-fresh=60")], stored(100, 0, 0, 0), 50) => Lookup::MustRevalidate;
@@ -778,9 +817,18 @@ mod tests {
         rfc9111_5_2_1_2_max_stale_fresh_is_fresh: (&[("cache-control", "max-stale")], stored(60, 0, 0, 0), 10) => Lookup::Fresh;
         rfc9111_5_2_1_2_swr_preferred_over_max_stale: (&[("cache-control", "max-stale")], stored(60, 0, 30, 0), 70) => BG;
         rfc9111_5_2_1_2_max_stale_beyond_swr: (&[("cache-control", "max-stale")], stored(60, 0, 30, 0), 200) => STALE;
-        // RFC 9111 §5.2.1.7: only-if-cached changes nothing about freshness.
+        // RFC 9111 §5.2.1.7: only-if-cached serves what the other constraints allow, and answers
+        // 504 (Unusable) where the origin would otherwise be asked.
         rfc9111_5_2_1_7_only_if_cached_fresh: (&[("cache-control", "only-if-cached")], stored(60, 0, 0, 0), 1) => Lookup::Fresh;
-        rfc9111_5_2_1_7_only_if_cached_stale: (&[("cache-control", "only-if-cached")], stored(60, 0, 0, 0), 100) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_7_only_if_cached_stale_is_unusable: (&[("cache-control", "only-if-cached")], stored(60, 0, 0, 0), 100) => Lookup::Unusable;
+        rfc9111_5_2_1_7_only_if_cached_with_max_stale: (&[("cache-control", "only-if-cached, max-stale")], stored(60, 0, 0, 0), 100) => STALE;
+        rfc9111_5_2_1_7_only_if_cached_in_swr_window: (&[("cache-control", "only-if-cached")], stored(60, 0, 60, 0), 100) => BG;
+        rfc9111_5_2_1_7_only_if_cached_with_no_cache: (&[("cache-control", "only-if-cached, no-cache")], stored(60, 0, 0, 0), 1) => Lookup::Unusable;
+        rfc9111_5_2_1_7_only_if_cached_stored_no_cache: (&[("cache-control", "only-if-cached")], no_cache(stored(60, 0, 0, 0)), 1) => Lookup::Unusable;
+        rfc9111_5_2_1_7_only_if_cached_must_revalidate: (&[("cache-control", "only-if-cached, max-stale")], strict(stored(60, 0, 0, 0)), 100) => Lookup::Unusable;
+        rfc9111_5_2_1_7_only_if_cached_max_age_exceeded: (&[("cache-control", "max-age=10, only-if-cached")], stored(60, 0, 0, 0), 30) => Lookup::Unusable;
+        rfc9111_5_2_1_7_only_if_cached_second_line: (&[("cache-control", "max-stale=1"), ("Cache-Control", "ONLY-IF-CACHED")], stored(60, 0, 0, 0), 100) => Lookup::Unusable;
+        rfc9111_5_4_pragma_no_cache_without_only_if_cached: (&[("pragma", "no-cache")], stored(60, 0, 0, 0), 100) => Lookup::MustRevalidate;
         // Zero lifetime entries (stored for their validators) always revalidate.
         rfc9111_4_3_zero_lifetime_revalidates: (NONE, stored(0, 0, 0, 0), 0) => Lookup::MustRevalidate;
         rfc9111_1_2_2_huge_freshness_values_do_not_overflow: (NONE, stored(u64::MAX, u64::MAX / 2, u64::MAX / 2, 0), 10) => Lookup::Fresh;
@@ -811,6 +859,9 @@ mod tests {
         rfc5861_4_request_stale_if_error: (&[("cache-control", "stale-if-error=100")], stored(60, 0, 0, 0), 150) => true;
         rfc5861_4_request_stale_if_error_exceeded: (&[("cache-control", "stale-if-error=100")], stored(60, 0, 0, 0), 170) => false;
         rfc9111_5_2_1_2_request_max_stale_on_error: (&[("cache-control", "max-stale")], stored(60, 0, 0, 0), 9999) => true;
+        rfc9111_5_2_1_2_request_max_stale_limit_on_error: (&[("cache-control", "max-stale=50")], stored(60, 0, 0, 0), 100) => true;
+        rfc9111_5_2_1_2_request_max_stale_limit_exceeded_on_error: (&[("cache-control", "max-stale=50")], stored(60, 0, 0, 0), 120) => false;
+        rfc9111_5_2_1_2_request_max_stale_zero_on_error: (&[("cache-control", "max-stale=0")], stored(60, 0, 0, 0), 60) => false;
     }
 
     #[test]

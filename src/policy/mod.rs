@@ -30,7 +30,8 @@ use std::time::Duration;
 
 pub use cache_control::{CacheControl, MaxStale};
 pub use freshness::{
-    Lookup, NotStorable, Storable, age_seconds, lookup, may_serve_stale_on_error, storable,
+    Lookup, NotStorable, Storable, age_seconds, lookup, may_serve_stale_on_error, miss_is_unusable,
+    storable,
 };
 pub use freshness_state::Freshness;
 pub use headers::{HeaderList, headers_to_store, strip_hop_by_hop};

@@ -122,7 +122,7 @@ async fn lookup_cached(
     };
     let url_known = !variants.is_empty();
     let Some((key, entry)) = select_variant(variants, &ctx.headers, &state.policy) else {
-        if policy::CacheControl::from_request(&ctx.headers).only_if_cached {
+        if policy::miss_is_unusable(&ctx.headers) {
             return respond::only_if_cached_miss();
         }
         if ctx.is_head {
@@ -161,10 +161,8 @@ async fn lookup_cached(
                 return resp;
             }
         }
+        Lookup::Unusable => return respond::only_if_cached_miss(),
         Lookup::MustRevalidate => {
-            if policy::CacheControl::from_request(&ctx.headers).only_if_cached {
-                return respond::only_if_cached_miss();
-            }
             return fetch::fetch_for_cache(
                 &ctx,
                 &state,
