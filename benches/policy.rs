@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
                 black_box(&req),
                 black_box(200),
                 black_box(&resp),
+                true,
                 at(0),
                 at(0),
                 &opts,
@@ -71,7 +72,7 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let Storable::Yes(fresh) = storable("GET", &req, 200, &resp, at(0), at(0), &opts) else {
+    let Storable::Yes(fresh) = storable("GET", &req, 200, &resp, true, at(0), at(0), &opts) else {
         panic!("typical response must be storable");
     };
     assert_eq!(lookup(&req, &fresh, at(10)), Lookup::Fresh);

@@ -37,6 +37,9 @@ pub enum NotStorable {
     SetCookie,
     /// `must-understand` on a status whose caching rules we do not implement (RFC 9111 §5.2.2.3).
     MustUnderstand,
+    /// The caller did not receive the whole body, or its framing cannot tell a complete body
+    /// from a cut one: this cache stores only complete responses (RFC 9111 §3.3).
+    Incomplete,
 }
 
 impl NotStorable {
@@ -54,6 +57,7 @@ impl NotStorable {
             NotStorable::NoFreshness => "no-freshness",
             NotStorable::SetCookie => "set-cookie",
             NotStorable::MustUnderstand => "must-understand",
+            NotStorable::Incomplete => "incomplete",
         }
     }
 }
@@ -80,16 +84,22 @@ const UNDERSTOOD_STATUSES: [u16; 14] = [
 ///
 /// `method`/`req` describe the request, `status`/`resp` the response; `request_time` is when
 /// the request was sent upstream and `response_time` when the response headers arrived.
+/// `body_complete` is the caller's word on the body (RFC 9111 §3.3): false when the body was
+/// cut short of its Content-Length, or when the framing cannot prove it whole; a caller that
+/// decides before the body has arrived passes true and must discard the entry if the body
+/// then ends early (see [`NotStorable::Incomplete`] for the reason to report).
 ///
 /// Freshness lifetime (§4.2.1), first match: the targeted field (CDN-Cache-Control, then
 /// Surrogate-Control, when `opts.honor_cdn_cache_control`), s-maxage, max-age, Expires − Date
 /// (invalid or repeated-and-different Expires: already stale), else the §4.2.2 heuristic for
 /// heuristically cacheable statuses or `public`. Every lifetime and age is capped at 2^31 s (§1.2.2).
+#[allow(clippy::too_many_arguments)]
 pub fn storable(
     method: &str,
     req: &HeaderList,
     status: u16,
     resp: &HeaderList,
+    body_complete: bool,
     request_time: SystemTime,
     response_time: SystemTime,
     opts: &PolicyOptions,
@@ -107,6 +117,9 @@ pub fn storable(
     // RFC 9111 §3: final statuses only; a 304 updates a stored response, it is never stored itself.
     if !(200..=599).contains(&status) || status == 304 {
         return Storable::No(Why::Status);
+    }
+    if !body_complete {
+        return Storable::No(Why::Incomplete);
     }
     if CacheControl::from_request(req).no_store {
         return Storable::No(Why::RequestNoStore);
@@ -405,7 +418,16 @@ mod tests {
         resp: &[(&str, &str)],
         opts: &PolicyOptions,
     ) -> Storable {
-        storable(method, &list(req), status, &list(resp), at(0), at(0), opts)
+        storable(
+            method,
+            &list(req),
+            status,
+            &list(resp),
+            true,
+            at(0),
+            at(0),
+            opts,
+        )
     }
 
     fn run(method: &str, req: &[(&str, &str)], status: u16, resp: &[(&str, &str)]) -> Storable {
@@ -556,7 +578,7 @@ mod tests {
         // RFC 5861 windows.
         rfc5861_3_swr_recorded: ("GET", NONE, 200, &[("cache-control", "max-age=60, stale-while-revalidate=30")]) => |s| fr(s).stale_while_revalidate == Duration::from_secs(30);
         rfc5861_4_sie_recorded: ("GET", NONE, 200, &[("cache-control", "max-age=60, stale-if-error=300")]) => |s| fr(s).stale_if_error == Duration::from_secs(300);
-        // RFC 5861 §3 vs RFC 9111 §5.2.2.3: must-understand lets an understood status ignore no-store.
+        // RFC 9111 §5.2.2.3: must-understand lets an understood status ignore no-store.
         rfc9111_5_2_2_3_must_understand_overrides_no_store: ("GET", NONE, 200, &[("cache-control", "must-understand, no-store, max-age=60")]) => |s| life(s) == 60;
         rfc9111_5_2_2_3_must_understand_unknown_status: ("GET", NONE, 299, &[("cache-control", "must-understand, no-store, max-age=60")]) => |s| why(s) == Some(NotStorable::MustUnderstand);
         // RFC 9213 §2.2: CDN-Cache-Control replaces Cache-Control and Expires for us.
@@ -587,6 +609,7 @@ mod tests {
             &HeaderList::new(),
             200,
             &resp,
+            true,
             at(-5),
             at(0),
             &PolicyOptions::default(),
@@ -605,6 +628,7 @@ mod tests {
             &HeaderList::new(),
             200,
             &resp,
+            true,
             at(5),
             at(0),
             &PolicyOptions::default(),
@@ -687,6 +711,7 @@ mod tests {
             &HeaderList::new(),
             200,
             &resp,
+            true,
             at(0),
             at(0),
             &PolicyOptions::default(),
@@ -694,8 +719,9 @@ mod tests {
         assert_eq!(life(s), 60);
     }
 
+    // RFC 9211 §2.8: the `detail` token is an sf-token; ours are kebab-case.
     #[test]
-    fn rfc9211_2_7_not_storable_tokens_are_kebab_case() {
+    fn rfc9211_2_8_not_storable_tokens_are_kebab_case() {
         let all = [
             NotStorable::Method,
             NotStorable::Status,
@@ -708,6 +734,7 @@ mod tests {
             NotStorable::NoFreshness,
             NotStorable::SetCookie,
             NotStorable::MustUnderstand,
+            NotStorable::Incomplete,
         ];
         for w in all {
             let t = w.as_str();
@@ -717,6 +744,84 @@ mod tests {
             );
         }
         assert_eq!(NotStorable::VaryStar.as_str(), "vary-star");
+    }
+
+    // RFC 9211 §2.8: each reason is told apart in Cache-Status `detail=` (and metric labels),
+    // so every variant has its own token, and these tokens are an interface: pinned here.
+    #[test]
+    fn rfc9211_2_8_each_reason_has_its_own_detail_token() {
+        use NotStorable as W;
+        let table = [
+            (W::Method, "method"),
+            (W::Status, "status"),
+            (W::PartialContent, "partial-content"),
+            (W::NoStore, "no-store"),
+            (W::RequestNoStore, "request-no-store"),
+            (W::Private, "private"),
+            (W::Authorization, "authorization"),
+            (W::VaryStar, "vary-star"),
+            (W::NoFreshness, "no-freshness"),
+            (W::SetCookie, "set-cookie"),
+            (W::MustUnderstand, "must-understand"),
+            (W::Incomplete, "incomplete"),
+        ];
+        // Adding a variant without a row fails to compile here.
+        for (w, _) in &table {
+            match w {
+                W::Method
+                | W::Status
+                | W::PartialContent
+                | W::NoStore
+                | W::RequestNoStore
+                | W::Private
+                | W::Authorization
+                | W::VaryStar
+                | W::NoFreshness
+                | W::SetCookie
+                | W::MustUnderstand
+                | W::Incomplete => {}
+            }
+        }
+        let mut tokens = std::collections::HashSet::new();
+        let mut reasons = std::collections::HashSet::new();
+        for (w, token) in table {
+            assert_eq!(w.as_str(), token, "{w:?}");
+            assert!(tokens.insert(token), "token {token} used twice");
+            assert!(reasons.insert(w), "{w:?} listed twice");
+        }
+    }
+
+    // RFC 9111 §3.3: only complete responses are stored; the caller says whether the body is.
+    #[test]
+    fn rfc9111_3_3_incomplete_body_not_stored() {
+        let resp = list(&[("cache-control", "public, max-age=600"), ("etag", "\"a\"")]);
+        let none = HeaderList::new();
+        let o = PolicyOptions::default();
+        let cut = storable("GET", &none, 200, &resp, false, at(0), at(0), &o);
+        assert_eq!(why(cut), Some(NotStorable::Incomplete));
+        assert_eq!(
+            life(storable("GET", &none, 200, &resp, true, at(0), at(0), &o)),
+            600
+        );
+        // A reason decided earlier (method, status) still names the first rule broken.
+        let post = storable("POST", &none, 200, &resp, false, at(0), at(0), &o);
+        assert_eq!(why(post), Some(NotStorable::Method));
+    }
+
+    // RFC 9111 §5.2.1.7: with nothing stored, only-if-cached means 504, not a fetch.
+    #[test]
+    fn rfc9111_5_2_1_7_miss_is_unusable() {
+        assert!(miss_is_unusable(&list(&[(
+            "cache-control",
+            "only-if-cached"
+        )])));
+        assert!(miss_is_unusable(&list(&[(
+            "cache-control",
+            "max-stale, Only-If-Cached"
+        )])));
+        assert!(!miss_is_unusable(&list(&[("cache-control", "max-stale")])));
+        assert!(!miss_is_unusable(&list(&[("pragma", "only-if-cached")])));
+        assert!(!miss_is_unusable(&HeaderList::new()));
     }
 
     // ---- lookup -------------------------------------------------------------------------
@@ -888,6 +993,7 @@ mod tests {
             &HeaderList::new(),
             200,
             &resp,
+            true,
             at(0),
             at(0),
             &PolicyOptions::default(),

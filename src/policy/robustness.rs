@@ -180,10 +180,11 @@ fn no_panic_on_ten_thousand_random_inputs() {
             .copied()
             .unwrap_or(200);
         let (t1, t2, now) = (time(&mut rng), time(&mut rng), time(&mut rng));
+        let complete = rng.below(8) != 0;
 
         let _ = CacheControl::from_request(&req);
         let _ = CacheControl::from_response(&resp);
-        if let Storable::Yes(f) = storable(method, &req, status, &resp, t1, t2, &opts) {
+        if let Storable::Yes(f) = storable(method, &req, status, &resp, complete, t1, t2, &opts) {
             stored_count += 1;
             let _ = lookup(&req, &f, now);
             let _ = may_serve_stale_on_error(&req, &f, now);
