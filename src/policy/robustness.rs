@@ -224,6 +224,7 @@ fn no_panic_on_ten_thousand_random_inputs() {
         let _ = not_modified_matches(&resp, &req);
         let _ = merge_not_modified(&resp, &req);
         let _ = head_matches_stored(&resp, &req);
+        let _ = head_update(&resp, status, &req);
         let target = String::from_utf8_lossy(&value(&mut rng)).into_owned();
         let _ = invalidation_targets(method, status, &target, &resp);
         let _ = invalidation_targets("POST", 201, "http://example.com/a/b", &resp);
