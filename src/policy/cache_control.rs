@@ -31,6 +31,9 @@ pub enum MaxStale {
 ///   (`min-fresh`: the largest; `max-stale`: the smallest limit);
 /// - `;` separates directives like `,` does, so `max-age=60; no-store` loses neither;
 /// - `no-cache=""` / `private=""` (an empty field list) count as the unqualified form.
+///
+/// These lenient rules are for Cache-Control. CDN-Cache-Control is read strictly as a
+/// Structured Fields Dictionary instead (RFC 9213 §2.1; see `for_shared_cache`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CacheControl {
     /// `max-age` (§5.2.1.1 request, §5.2.2.1 response).
