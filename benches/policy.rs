@@ -1,4 +1,4 @@
-//! Micro-benchmarks of the caching rules on the hot paths: deciding to store a typical response, and deciding a cache hit.
+//! Micro-benchmarks of the caching rules on the hot paths: deciding to store a typical response, and parsing + deciding a cache hit.
 
 use std::hint::black_box;
 use std::time::{Duration, SystemTime};
@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
                 black_box(&req),
                 black_box(200),
                 black_box(&resp),
+                true,
                 at(0),
                 at(0),
                 &opts,
@@ -71,7 +72,7 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let Storable::Yes(fresh) = storable("GET", &req, 200, &resp, at(0), at(0), &opts) else {
+    let Storable::Yes(fresh) = storable("GET", &req, 200, &resp, true, at(0), at(0), &opts) else {
         panic!("typical response must be storable");
     };
     assert_eq!(lookup(&req, &fresh, at(10)), Lookup::Fresh);
@@ -92,6 +93,27 @@ fn bench(c: &mut Criterion) {
     };
     c.bench_function("vary_values_accept_encoding", |b| {
         b.iter(|| vary_values(black_box(&fields), black_box(&req), &opts))
+    });
+
+    // The whole per-hit policy work, as the proxy does it (proxy::select_variant + lookup):
+    // parse and normalize the request's Vary'd fields, match them against the stored key,
+    // parse the request's Cache-Control and decide. Freshness itself was computed at store time.
+    let stored_vary = vary_values(&fields, &req, &opts);
+    let hit = |request: &HeaderList| {
+        let selected = vary_values(&fields, request, &opts) == stored_vary;
+        selected.then(|| lookup(request, &fresh, at(10)))
+    };
+    assert_eq!(hit(&req), Some(Lookup::Fresh));
+    c.bench_function("hit_parse_and_decide", |b| b.iter(|| hit(black_box(&req))));
+    let mut req_reload = req.clone();
+    req_reload.push("cache-control", "max-age=0, stale-if-error=60");
+    assert_eq!(hit(&req_reload), Some(Lookup::MustRevalidate));
+    assert_eq!(hit(&req_cc), Some(Lookup::Fresh));
+    c.bench_function("hit_parse_and_decide_request_cache_control", |b| {
+        b.iter(|| hit(black_box(&req_cc)))
+    });
+    c.bench_function("hit_parse_and_decide_reload", |b| {
+        b.iter(|| hit(black_box(&req_reload)))
     });
 }
 

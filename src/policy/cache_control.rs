@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::PolicyOptions;
 use super::headers::HeaderList;
+use super::structured::{self, Bare, Member};
 use super::syntax::{
     DELTA_MAX, field_name_list, is_token, parse_delta_seconds, split_list, trim_ows, unquote,
 };
@@ -25,9 +26,14 @@ pub enum MaxStale {
 /// - arguments may be tokens or quoted strings, for every directive (§5.2);
 /// - an invalid delta-seconds (`-1`, `1.5`, empty, missing) counts as 0, so a bad
 ///   `max-age` makes the response stale (§4.2.1, §1.2.2); overflow is 2^31 s (§1.2.2);
-/// - a repeated duration directive keeps its smallest value (`min-fresh`: largest);
+/// - a repeated `max-age` / `s-maxage` keeps its value when the repeats are identical and is
+///   0 (stale) when they differ (§4.2.1); other repeated durations keep the smallest
+///   (`min-fresh`: the largest; `max-stale`: the smallest limit);
 /// - `;` separates directives like `,` does, so `max-age=60; no-store` loses neither;
 /// - `no-cache=""` / `private=""` (an empty field list) count as the unqualified form.
+///
+/// These lenient rules are for Cache-Control. CDN-Cache-Control is read strictly as a
+/// Structured Fields Dictionary instead (RFC 9213 §2.1; see `for_shared_cache`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CacheControl {
     /// `max-age` (§5.2.1.1 request, §5.2.2.1 response).
@@ -125,30 +131,90 @@ impl CacheControl {
         (Self::from_response(h), false)
     }
 
-    /// RFC 9213 §2.1: an empty or unparsable targeted field is ignored as if absent.
-    /// Our parse is stricter than a Cache-Control parse: every member must be a token name
-    /// with a well-formed argument, and delta-seconds directives must carry an integer.
+    /// RFC 9213 §2.1: a targeted field is a Structured Fields Dictionary (RFC 8941 §3.2); when
+    /// it is empty or does not parse, it is ignored as if absent. A repeated key keeps its last
+    /// value (RFC 8941 §4.2.2), unlike Cache-Control. A directive whose value has the wrong type
+    /// (`max-age=1.5`, `max-age=-1`, `no-store="x"`) also makes the field ignored: RFC 9213 §2.1
+    /// says not to consume such values, and half-reading the field could loosen it.
     fn targeted(h: &HeaderList, name: &str) -> Option<CacheControl> {
+        let joined = structured::combine(h.get_all(name))?;
+        let dict = structured::parse_dictionary(&joined)?;
+        if dict.is_empty() {
+            return None;
+        }
         let mut cc = CacheControl::default();
-        let mut any = false;
-        for line in h.get_all(name) {
-            // Members are split only at ',' here: ';' starts Structured Field parameters,
-            // which RFC 9213 §2.1 says to ignore.
-            for member in split_list(line, b",") {
-                any = true;
-                let directive = split_list(member, b";").next().unwrap_or_default();
-                // Structured Field Booleans: `d=?1` is plain `d`, `d=?0` is absent.
-                let directive = match split_name(directive) {
-                    (name, Some(arg)) if trim_ows(arg) == b"?1" => name,
-                    (_, Some(arg)) if trim_ows(arg) == b"?0" => continue,
-                    _ => directive,
-                };
-                if !cc.apply_directive(directive) {
-                    return None;
-                }
+        for (key, value) in &dict {
+            if !cc.apply_targeted(key, value) {
+                return None;
             }
         }
-        any.then_some(cc.finish())
+        Some(cc.finish())
+    }
+
+    /// Applies one Dictionary member (keys are unique, so plain assignment is last-wins);
+    /// false if its value violates the directive's type (RFC 9213 §2.1). Request-only and
+    /// unknown directives are ignored whatever their value (RFC 9111 §5.2.3).
+    fn apply_targeted(&mut self, key: &[u8], value: &Member<'_>) -> bool {
+        let item = match value {
+            Member::Item(bare) => Some(bare),
+            Member::InnerList => None,
+        };
+        let flag = match item {
+            Some(Bare::Boolean(b)) => Some(*b),
+            _ => None,
+        };
+        match key {
+            b"max-age" | b"s-maxage" | b"stale-while-revalidate" | b"stale-if-error" => {
+                let Some(n) = item.and_then(|b| match b {
+                    Bare::Integer(n) => u64::try_from(*n).ok(),
+                    _ => None,
+                }) else {
+                    return false;
+                };
+                let d = Some(secs(n));
+                match key {
+                    b"max-age" => self.max_age = d,
+                    b"s-maxage" => self.s_maxage = d,
+                    b"stale-while-revalidate" => self.stale_while_revalidate = d,
+                    _ => self.stale_if_error = d,
+                }
+            }
+            // no-cache and private take Boolean true or a String of field names (RFC 9213 §2.1).
+            b"no-cache" | b"private" => {
+                let (unqualified, fields) = match item {
+                    Some(Bare::Boolean(b)) => (*b, Vec::new()),
+                    Some(Bare::String(s)) => {
+                        let fields = field_name_list(s);
+                        (fields.is_empty(), fields)
+                    }
+                    _ => return false,
+                };
+                if key == b"no-cache" {
+                    self.no_cache = unqualified;
+                    self.no_cache_fields = fields;
+                } else {
+                    self.private = unqualified;
+                    self.private_fields = fields;
+                }
+            }
+            b"no-store" | b"no-transform" | b"must-revalidate" | b"proxy-revalidate"
+            | b"must-understand" | b"public" | b"immutable" => {
+                let Some(on) = flag else {
+                    return false;
+                };
+                match key {
+                    b"no-store" => self.no_store = on,
+                    b"no-transform" => self.no_transform = on,
+                    b"must-revalidate" => self.must_revalidate = on,
+                    b"proxy-revalidate" => self.proxy_revalidate = on,
+                    b"must-understand" => self.must_understand = on,
+                    b"public" => self.public = on,
+                    _ => self.immutable = on,
+                }
+            }
+            _ => {}
+        }
+        true
     }
 
     /// Surrogate-Control (W3C Edge Architecture 1.0) kept simple: `max-age=N` or `max-age=N+M`
@@ -181,7 +247,7 @@ impl CacheControl {
                     .unwrap_or_default();
                 let mut nums = arg.splitn(2, |&b| b == b'+');
                 let fresh = nums.next().and_then(parse_delta_seconds).unwrap_or(0);
-                set_min(&mut cc.max_age, secs(fresh));
+                set_once(&mut cc.max_age, secs(fresh));
                 if let Some(extra) = nums.next() {
                     set_min(
                         &mut cc.stale_if_error,
@@ -219,12 +285,11 @@ impl CacheControl {
         }
     }
 
-    /// Applies one `name[=arg]` member; false if it is malformed (used by the strict
-    /// targeted-field parse only; Cache-Control itself is read leniently).
-    fn apply_directive(&mut self, member: &[u8]) -> bool {
+    /// Applies one `name[=arg]` member, leniently (see the type's rules).
+    fn apply_directive(&mut self, member: &[u8]) {
         let (name, arg) = split_name(member);
         if !is_token(name) {
-            return false;
+            return;
         }
         let (value, well_formed) = match arg {
             Some(a) => {
@@ -234,7 +299,6 @@ impl CacheControl {
             None => (None, true),
         };
         let delta = || value.as_deref().and_then(parse_delta_seconds);
-        let mut valid = well_formed;
         // Lower-case into a stack buffer: this runs for every directive of every request.
         // No known directive is longer than 22 bytes, so longer names are simply unknown.
         let mut buf = [0u8; 24];
@@ -253,12 +317,10 @@ impl CacheControl {
             | b"stale-while-revalidate"
             | b"stale-if-error" => {
                 // RFC 9111 §4.2.1: invalid freshness information means stale, i.e. zero.
-                let parsed = delta();
-                valid &= parsed.is_some();
-                let d = secs(parsed.unwrap_or(0));
+                let d = secs(delta().unwrap_or(0));
                 match lower {
-                    b"max-age" => set_min(&mut self.max_age, d),
-                    b"s-maxage" => set_min(&mut self.s_maxage, d),
+                    b"max-age" => set_once(&mut self.max_age, d),
+                    b"s-maxage" => set_once(&mut self.s_maxage, d),
                     b"stale-while-revalidate" => set_min(&mut self.stale_while_revalidate, d),
                     b"stale-if-error" => set_min(&mut self.stale_if_error, d),
                     // min-fresh asks for more remaining freshness: larger is stricter.
@@ -268,11 +330,7 @@ impl CacheControl {
             b"max-stale" => {
                 let this = match value {
                     None => MaxStale::Any,
-                    Some(_) => {
-                        let parsed = delta();
-                        valid &= parsed.is_some();
-                        MaxStale::Limit(secs(parsed.unwrap_or(0)))
-                    }
+                    Some(_) => MaxStale::Limit(secs(delta().unwrap_or(0))),
                 };
                 self.max_stale = Some(match (self.max_stale, this) {
                     (None, t) | (Some(MaxStale::Any), t) => t,
@@ -308,7 +366,6 @@ impl CacheControl {
             // RFC 9111 §5.2.3: unrecognized directives are ignored.
             _ => {}
         }
-        valid
     }
 }
 
@@ -327,7 +384,18 @@ fn secs(n: u64) -> Duration {
     Duration::from_secs(n).min(DELTA_MAX)
 }
 
-/// Keeps the smallest value of a repeated directive (the most restrictive, RFC 9111 §4.2.1).
+/// A repeated max-age or s-maxage (RFC 9111 §4.2.1: "either the first occurrence should be
+/// used or the response should be considered stale"): identical repeats keep the value,
+/// differing ones make it zero, i.e. stale, the more restrictive of the two permitted readings.
+/// Zero then stays: a later repeat differs from it or is zero itself.
+fn set_once(slot: &mut Option<Duration>, d: Duration) {
+    *slot = Some(match *slot {
+        Some(old) if old != d => Duration::ZERO,
+        _ => d,
+    });
+}
+
+/// Keeps the smallest value of a repeated stale window (the most restrictive, RFC 9111 §4.2.1).
 fn set_min(slot: &mut Option<Duration>, d: Duration) {
     *slot = Some(slot.map_or(d, |old| old.min(d)));
 }
@@ -368,11 +436,20 @@ mod tests {
         rfc9111_4_2_1_empty_max_age_is_zero: "max-age=" => |cc| cc.max_age == S(0);
         rfc9111_4_2_1_bare_max_age_is_zero: "max-age" => |cc| cc.max_age == S(0);
         rfc9111_4_2_1_hex_max_age_is_zero: "max-age=0x10" => |cc| cc.max_age == S(0);
-        // RFC 9111 §4.2.1: duplicates → most restrictive (smallest).
-        rfc9111_4_2_1_duplicate_max_age_smallest: "max-age=600, max-age=60" => |cc| cc.max_age == S(60);
+        // RFC 9111 §4.2.1: "either the first occurrence should be used or the response should be
+        // considered stale": identical repeats keep the value, differing ones mean stale (0).
+        rfc9111_4_2_1_identical_max_age_kept: "max-age=60, max-age=60" => |cc| cc.max_age == S(60);
+        rfc9111_4_2_1_identical_max_age_leading_zero_kept: "max-age=60, max-age=060" => |cc| cc.max_age == S(60);
+        rfc9111_4_2_1_differing_max_age_is_stale: "max-age=600, max-age=60" => |cc| cc.max_age == S(0);
+        rfc9111_4_2_1_zero_then_sixty_is_stale: "max-age=0, max-age=60" => |cc| cc.max_age == S(0);
+        rfc9111_4_2_1_conflict_stays_stale: "max-age=60, max-age=30, max-age=60" => |cc| cc.max_age == S(0);
         rfc9111_4_2_1_duplicate_max_age_invalid_wins: "max-age=600, max-age=abc" => |cc| cc.max_age == S(0);
         rfc9111_5_2_2_10_s_maxage: "s-maxage=30, max-age=60" => |cc| cc.s_maxage == S(30) && cc.max_age == S(60);
-        rfc9111_5_2_2_10_duplicate_s_maxage: "s-maxage=30, s-maxage=10" => |cc| cc.s_maxage == S(10);
+        rfc9111_4_2_1_differing_s_maxage_is_stale: "s-maxage=30, s-maxage=10" => |cc| cc.s_maxage == S(0);
+        rfc9111_4_2_1_identical_s_maxage_kept: "s-maxage=30, S-MAXAGE=30" => |cc| cc.s_maxage == S(30);
+        // RFC 9111 §4.2.1 "the most restrictive directive should be honored": flags only add.
+        rfc9111_4_2_1_public_and_private_both_kept: "public, private" => |cc| cc.public && cc.private;
+        rfc9111_4_2_1_public_and_no_store_both_kept: "public, no-store" => |cc| cc.public && cc.no_store;
         // RFC 9111 §5.2.1.2: max-stale with and without a value.
         rfc9111_5_2_1_2_max_stale_any: "max-stale" => |cc| cc.max_stale == Some(MaxStale::Any);
         rfc9111_5_2_1_2_max_stale_limit: "max-stale=10" => |cc| cc.max_stale == Some(MaxStale::Limit(Duration::from_secs(10)));
@@ -417,15 +494,28 @@ mod tests {
         rfc9111_5_2_3_non_ascii_names_ignored: "máx-age=5, public" => |cc| cc.max_age.is_none() && cc.public;
     }
 
-    // RFC 9111 §5.2: every line counts; most restrictive across lines.
+    // RFC 9111 §5.2: every line counts; a max-age differing across lines is stale (§4.2.1).
     #[test]
     fn rfc9111_5_2_multiple_lines_combine() {
         let cc = CacheControl::from_response(&h(&[
             ("cache-control", "max-age=60"),
             ("Cache-Control", "max-age=30, private"),
         ]));
-        assert_eq!(cc.max_age, S(30));
+        assert_eq!(cc.max_age, S(0));
         assert!(cc.private);
+        let same = CacheControl::from_response(&h(&[
+            ("cache-control", "max-age=60"),
+            ("cache-control", "max-age=60, public"),
+        ]));
+        assert_eq!(same.max_age, S(60));
+        assert!(same.public);
+    }
+
+    // RFC 9111 §5.2.1.1 with §4.2.1's rule: differing request max-age reads as max-age=0.
+    #[test]
+    fn rfc9111_5_2_1_1_request_differing_max_age_is_zero() {
+        let req = h(&[("cache-control", "max-age=600, max-age=60")]);
+        assert_eq!(CacheControl::from_request(&req).max_age, S(0));
     }
 
     // RFC 9111 §5.4: Pragma: no-cache only without Cache-Control.
@@ -490,16 +580,103 @@ mod tests {
     fn rfc9213_2_1_invalid_cdn_cache_control_ignored() {
         for bad in [
             "",
+            "   ",
             "max-age=1.5",
             "max-age=\"open",
             "max-age=-1",
             "max age=5",
+            // RFC 8941 §4.2.3.3: keys are lower-case; §4.2.2: no whitespace around "=".
+            "Max-Age=600",
+            "max-age=600, Private",
+            "max-age = 600",
+            "max-age =600",
+            "max-age= 600",
+            // RFC 8941 §4.2.2: empty members and a trailing comma are errors.
+            "max-age=600,",
+            "max-age=600,, public",
+            // RFC 9213 §2.1: values of the wrong type are not consumed.
+            "max-age=\"600\"",
+            "max-age=?1",
+            "max-age",
+            "no-store=\"yes\", max-age=600",
+            "no-cache=set-cookie, max-age=600",
+            "private=(\"x\"), max-age=600",
+            // RFC 8941 §4.2: non-ASCII fails the field.
+            "max-age=600, x=\"é\"",
         ] {
             let resp = h(&[("cache-control", "max-age=5"), ("cdn-cache-control", bad)]);
             let (cc, targeted) = CacheControl::for_shared_cache(&resp, &opts());
             assert!(!targeted, "{bad:?} should be ignored");
             assert_eq!(cc.max_age, S(5));
         }
+    }
+
+    // RFC 9213 §2.1 / RFC 8941 §4.2.2: a repeated key keeps its LAST value (unlike Cache-Control).
+    #[test]
+    fn rfc9213_2_1_duplicate_key_last_wins() {
+        let resp = h(&[(
+            "cdn-cache-control",
+            "max-age=60, no-store, max-age=600, no-store=?0",
+        )]);
+        let (cc, targeted) = CacheControl::for_shared_cache(&resp, &opts());
+        assert!(targeted);
+        assert_eq!(cc.max_age, S(600));
+        assert!(!cc.no_store);
+        let qualified = h(&[("cdn-cache-control", "private, private=\"x-a\"")]);
+        let (cc, _) = CacheControl::for_shared_cache(&qualified, &opts());
+        assert!(!cc.private);
+        assert_eq!(cc.private_fields, ["x-a"]);
+    }
+
+    // RFC 8941 §4.2: lines are combined before parsing; one bad line spoils the field.
+    #[test]
+    fn rfc9213_2_1_lines_combine() {
+        let resp = h(&[
+            ("cache-control", "max-age=5"),
+            ("cdn-cache-control", "max-age=600"),
+            ("CDN-Cache-Control", "must-revalidate"),
+        ]);
+        let (cc, targeted) = CacheControl::for_shared_cache(&resp, &opts());
+        assert!(targeted);
+        assert_eq!(cc.max_age, S(600));
+        assert!(cc.must_revalidate);
+        let spoiled = h(&[
+            ("cache-control", "max-age=5"),
+            ("cdn-cache-control", "max-age=600"),
+            ("cdn-cache-control", "Public"),
+        ]);
+        let (cc, targeted) = CacheControl::for_shared_cache(&spoiled, &opts());
+        assert!(!targeted);
+        assert_eq!(cc.max_age, S(5));
+    }
+
+    // RFC 9213 §2.1, §2.2: valid SF syntax the directive set does not use is ignored, not fatal.
+    #[test]
+    fn rfc9213_2_1_unknown_members_ignored() {
+        let resp = h(&[(
+            "cdn-cache-control",
+            " max-age=60 ,\tx-list=(1 2);p, x-bytes=:aGk=:, x-dec=1.5, x-tok=a/b, none ",
+        )]);
+        let (cc, targeted) = CacheControl::for_shared_cache(&resp, &opts());
+        assert!(targeted);
+        assert_eq!(cc.max_age, S(60));
+        assert!(!cc.no_store && !cc.private && !cc.no_cache);
+    }
+
+    // RFC 9213 §2.1: no-cache / private map to Boolean or a String of field names.
+    #[test]
+    fn rfc9213_2_1_field_name_strings() {
+        let resp = h(&[(
+            "cdn-cache-control",
+            "no-cache=\"Set-Cookie, X-A\", private=\"\", max-age=9",
+        )]);
+        let (cc, targeted) = CacheControl::for_shared_cache(&resp, &opts());
+        assert!(targeted);
+        assert!(!cc.no_cache);
+        assert_eq!(cc.no_cache_fields, ["set-cookie", "x-a"]);
+        // An empty list is the unqualified form (as for Cache-Control).
+        assert!(cc.private);
+        assert_eq!(cc.max_age, S(9));
     }
 
     // RFC 9213 §2.1: Structured Field parameters are ignored.
@@ -511,8 +688,9 @@ mod tests {
         assert!(cc.private);
     }
 
+    // RFC 9213 §2.2: the target list is "fixed, user configurable": ours can be emptied.
     #[test]
-    fn rfc9213_disabled_by_option() {
+    fn rfc9213_2_2_disabled_by_option() {
         let resp = h(&[
             ("cache-control", "max-age=5"),
             ("cdn-cache-control", "max-age=600"),
@@ -539,9 +717,10 @@ mod tests {
         assert!(cc.must_revalidate);
     }
 
-    // Surrogate-Control is the fallback target after CDN-Cache-Control.
+    // W3C Edge Architecture Specification 1.0 (Surrogate-Control): the fallback target after
+    // CDN-Cache-Control; `max-age=N+M` gives M seconds of stale-if-error.
     #[test]
-    fn surrogate_control_max_age_plus_stale() {
+    fn edge_arch_surrogate_control_max_age_plus_stale() {
         let resp = h(&[
             ("cache-control", "private"),
             ("surrogate-control", "max-age=300+60"),
@@ -553,8 +732,9 @@ mod tests {
         assert_eq!(cc.stale_if_error, S(60));
     }
 
+    // W3C Edge Architecture 1.0: a `;target` directive applies only to the named surrogate.
     #[test]
-    fn surrogate_control_targets() {
+    fn edge_arch_surrogate_control_targets() {
         let resp = h(&[("surrogate-control", "no-store;other, max-age=9;larder")]);
         let (cc, _) = CacheControl::for_shared_cache(&resp, &opts());
         assert!(!cc.no_store);

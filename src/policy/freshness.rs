@@ -37,6 +37,9 @@ pub enum NotStorable {
     SetCookie,
     /// `must-understand` on a status whose caching rules we do not implement (RFC 9111 §5.2.2.3).
     MustUnderstand,
+    /// The caller did not receive the whole body, or its framing cannot tell a complete body
+    /// from a cut one: this cache stores only complete responses (RFC 9111 §3.3).
+    Incomplete,
 }
 
 impl NotStorable {
@@ -54,6 +57,7 @@ impl NotStorable {
             NotStorable::NoFreshness => "no-freshness",
             NotStorable::SetCookie => "set-cookie",
             NotStorable::MustUnderstand => "must-understand",
+            NotStorable::Incomplete => "incomplete",
         }
     }
 }
@@ -80,16 +84,22 @@ const UNDERSTOOD_STATUSES: [u16; 14] = [
 ///
 /// `method`/`req` describe the request, `status`/`resp` the response; `request_time` is when
 /// the request was sent upstream and `response_time` when the response headers arrived.
+/// `body_complete` is the caller's word on the body (RFC 9111 §3.3): false when the body was
+/// cut short of its Content-Length, or when the framing cannot prove it whole; a caller that
+/// decides before the body has arrived passes true and must discard the entry if the body
+/// then ends early (see [`NotStorable::Incomplete`] for the reason to report).
 ///
 /// Freshness lifetime (§4.2.1), first match: the targeted field (CDN-Cache-Control, then
 /// Surrogate-Control, when `opts.honor_cdn_cache_control`), s-maxage, max-age, Expires − Date
 /// (invalid or repeated-and-different Expires: already stale), else the §4.2.2 heuristic for
 /// heuristically cacheable statuses or `public`. Every lifetime and age is capped at 2^31 s (§1.2.2).
+#[allow(clippy::too_many_arguments)]
 pub fn storable(
     method: &str,
     req: &HeaderList,
     status: u16,
     resp: &HeaderList,
+    body_complete: bool,
     request_time: SystemTime,
     response_time: SystemTime,
     opts: &PolicyOptions,
@@ -107,6 +117,9 @@ pub fn storable(
     // RFC 9111 §3: final statuses only; a 304 updates a stored response, it is never stored itself.
     if !(200..=599).contains(&status) || status == 304 {
         return Storable::No(Why::Status);
+    }
+    if !body_complete {
+        return Storable::No(Why::Incomplete);
     }
     if CacheControl::from_request(req).no_store {
         return Storable::No(Why::RequestNoStore);
@@ -198,15 +211,18 @@ pub fn storable(
     })
 }
 
-/// RFC 9111 §4.2.1 / §5.3: Expires − Date. An invalid date, "0", or several different
-/// Expires lines mean "already expired" (§5.3, §4.2.1 "considered stale").
+/// RFC 9111 §4.2.1 / §5.3: Expires − Date. An invalid date, "0", or several Expires lines that
+/// name different instants mean "already expired" (§5.3, §4.2.1 "considered stale"); repeats
+/// of one instant, however spelled, are that instant.
 fn expires_lifetime(resp: &HeaderList, date: SystemTime) -> Duration {
-    let mut lines = resp.get_all("expires");
-    let first = lines.next().unwrap_or_default();
-    if lines.any(|other| other != first) {
+    let mut lines = resp.get_all("expires").map(parse_http_date);
+    let Some(Some(expires)) = lines.next() else {
+        return Duration::ZERO;
+    };
+    if lines.any(|other| other != Some(expires)) {
         return Duration::ZERO;
     }
-    parse_http_date(first).map_or(Duration::ZERO, |expires| elapsed(date, expires))
+    elapsed(date, expires)
 }
 
 /// RFC 9111 §4.2.2: a fraction of the time since Last-Modified, measured at Date (or at
@@ -256,6 +272,9 @@ pub enum Lookup {
     },
     /// Must contact the origin (conditionally when validators exist) before using it.
     MustRevalidate,
+    /// It cannot be used without the origin, and the request forbids asking it
+    /// (`only-if-cached`): answer 504 (RFC 9111 §5.2.1.7).
+    Unusable,
 }
 
 /// Decides how a stored response may answer this request (RFC 9111 §4, §5.2.1, RFC 5861).
@@ -267,6 +286,11 @@ pub enum Lookup {
 ///   the stale-while-revalidate window → `Stale { revalidate_in_background: true }` unless the
 ///   request sent `max-age` without `max-stale` (§5.2.1.1: the client does not want stale);
 ///   else within the request's `max-stale` → `Stale { revalidate_in_background: false }`.
+///   A request `max-stale=N` caps both: nothing more than N seconds stale is served
+///   (§5.2.1.2 "by no more than the specified number of seconds"), and `max-stale=0` accepts
+///   no staleness at all.
+/// - request `only-if-cached` (§5.2.1.7): where the answer would be `MustRevalidate`, it is
+///   `Unusable` instead (the client gets 504, the origin is not asked).
 pub fn lookup(req: &HeaderList, fresh: &Freshness, now: SystemTime) -> Lookup {
     // Fast path for the common hit: a request without Cache-Control or Pragma.
     let plain = !req.contains("cache-control") && !req.contains("pragma");
@@ -274,6 +298,20 @@ pub fn lookup(req: &HeaderList, fresh: &Freshness, now: SystemTime) -> Lookup {
         return Lookup::Fresh;
     }
     let cc = CacheControl::from_request(req);
+    match reuse(&cc, fresh, now) {
+        Lookup::MustRevalidate if cc.only_if_cached => Lookup::Unusable,
+        decision => decision,
+    }
+}
+
+/// When no stored response is selected for the request at all: true if it must be answered
+/// 504 without asking the origin, because it carries `only-if-cached` (RFC 9111 §5.2.1.7).
+pub fn miss_is_unusable(req: &HeaderList) -> bool {
+    req.contains("cache-control") && CacheControl::from_request(req).only_if_cached
+}
+
+/// [`lookup`] without the only-if-cached rule.
+fn reuse(cc: &CacheControl, fresh: &Freshness, now: SystemTime) -> Lookup {
     if fresh.no_cache || cc.no_cache {
         return Lookup::MustRevalidate;
     }
@@ -293,6 +331,9 @@ pub fn lookup(req: &HeaderList, fresh: &Freshness, now: SystemTime) -> Lookup {
         return Lookup::MustRevalidate;
     }
     let staleness = fresh.staleness(now);
+    if !client_accepts(cc.max_stale, staleness) {
+        return Lookup::MustRevalidate;
+    }
     let client_refuses_stale = cc.max_age.is_some() && cc.max_stale.is_none();
     if !client_refuses_stale && within(staleness, fresh.stale_while_revalidate) {
         return Lookup::Stale {
@@ -300,13 +341,20 @@ pub fn lookup(req: &HeaderList, fresh: &Freshness, now: SystemTime) -> Lookup {
         };
     }
     match cc.max_stale {
-        Some(MaxStale::Any) => Lookup::Stale {
+        Some(_) => Lookup::Stale {
             revalidate_in_background: false,
         },
-        Some(MaxStale::Limit(limit)) if staleness <= limit => Lookup::Stale {
-            revalidate_in_background: false,
-        },
-        _ => Lookup::MustRevalidate,
+        None => Lookup::MustRevalidate,
+    }
+}
+
+/// Whether the request's `max-stale` lets this much staleness through (RFC 9111 §5.2.1.2):
+/// absent or valueless sets no cap; `max-stale=N` accepts up to N seconds, and `max-stale=0`
+/// nothing, like a zero stale window.
+fn client_accepts(max_stale: Option<MaxStale>, staleness: Duration) -> bool {
+    match max_stale {
+        None | Some(MaxStale::Any) => true,
+        Some(MaxStale::Limit(limit)) => within(staleness, limit),
     }
 }
 
@@ -335,11 +383,7 @@ pub fn may_serve_stale_on_error(req: &HeaderList, fresh: &Freshness, now: System
     }
     let cc = CacheControl::from_request(req);
     cc.stale_if_error.is_some_and(|limit| staleness <= limit)
-        || match cc.max_stale {
-            Some(MaxStale::Any) => true,
-            Some(MaxStale::Limit(limit)) => staleness <= limit,
-            None => false,
-        }
+        || (cc.max_stale.is_some() && client_accepts(cc.max_stale, staleness))
 }
 
 /// The Age field value to send (RFC 9111 §5.1, §4.2.3): current_age in whole seconds, capped at 2^31.
@@ -374,7 +418,16 @@ mod tests {
         resp: &[(&str, &str)],
         opts: &PolicyOptions,
     ) -> Storable {
-        storable(method, &list(req), status, &list(resp), at(0), at(0), opts)
+        storable(
+            method,
+            &list(req),
+            status,
+            &list(resp),
+            true,
+            at(0),
+            at(0),
+            opts,
+        )
     }
 
     fn run(method: &str, req: &[(&str, &str)], status: u16, resp: &[(&str, &str)]) -> Storable {
@@ -480,6 +533,17 @@ mod tests {
         rfc9111_5_3_non_gmt_expires_invalid: ("GET", NONE, 200, &[("expires", "Sun, 06 Nov 2033 08:49:37 PST"), ("etag", "\"x\"")]) => |s| life(s) == 0;
         rfc9111_4_2_1_repeated_different_expires_is_stale: ("GET", NONE, 200, &[("date", &d(0)), ("expires", &d(60)), ("expires", &d(600)), ("etag", "\"x\"")]) => |s| life(s) == 0;
         rfc9111_4_2_1_repeated_identical_expires_ok: ("GET", NONE, 200, &[("date", &d(0)), ("expires", &d(60)), ("expires", &d(60))]) => |s| life(s) == 60;
+        rfc9111_4_2_1_same_instant_other_spelling_ok: ("GET", NONE, 200, &[("date", "Sun, 06 Nov 1994 08:49:37 GMT"), ("expires", "Sun, 06 Nov 1994 08:50:37 GMT"), ("expires", "sunday, 06-nov-94 08:50:37 gmt")]) => |s| life(s) == 60;
+        rfc9111_4_2_1_repeated_expires_one_invalid_is_stale: ("GET", NONE, 200, &[("date", &d(0)), ("expires", &d(60)), ("expires", "never"), ("etag", "\"x\"")]) => |s| life(s) == 0;
+        // RFC 9111 §4.2.1: repeated max-age / s-maxage: identical kept, differing considered stale.
+        rfc9111_4_2_1_differing_max_age_stored_stale: ("GET", NONE, 200, &[("cache-control", "max-age=0, max-age=60"), ("etag", "\"x\"")]) => |s| life(s) == 0;
+        rfc9111_4_2_1_differing_max_age_without_validator: ("GET", NONE, 200, &[("cache-control", "max-age=600"), ("cache-control", "max-age=60")]) => |s| why(s) == Some(NotStorable::NoFreshness);
+        rfc9111_4_2_1_identical_max_age_lines: ("GET", NONE, 200, &[("cache-control", "max-age=60"), ("cache-control", "max-age=60")]) => |s| life(s) == 60;
+        rfc9111_4_2_1_differing_s_maxage_stale: ("GET", NONE, 200, &[("cache-control", "s-maxage=60, s-maxage=600, max-age=600"), ("etag", "\"x\"")]) => |s| life(s) == 0;
+        // RFC 9111 §4.2.1 "the most restrictive directive should be honored".
+        rfc9111_4_2_1_public_private_is_private: ("GET", NONE, 200, &[("cache-control", "public, private, max-age=60")]) => |s| why(s) == Some(NotStorable::Private);
+        rfc9111_4_2_1_public_no_store_is_no_store: ("GET", NONE, 200, &[("cache-control", "public, max-age=60, no-store")]) => |s| why(s) == Some(NotStorable::NoStore);
+        rfc9111_4_2_1_no_store_on_other_line_wins: ("GET", NONE, 200, &[("cache-control", "public, max-age=60"), ("cache-control", "no-store")]) => |s| why(s) == Some(NotStorable::NoStore);
         // Expires suppresses heuristics even when invalid (it is explicit).
         rfc9111_4_2_2_invalid_expires_beats_heuristic: ("GET", NONE, 200, &[("expires", "never"), ("last-modified", &d(-100000))]) => |s| life(s) == 0;
         // RFC 9111 §5.3: max-age makes Expires ignored; s-maxage beats both (§4.2.1).
@@ -514,7 +578,7 @@ mod tests {
         // RFC 5861 windows.
         rfc5861_3_swr_recorded: ("GET", NONE, 200, &[("cache-control", "max-age=60, stale-while-revalidate=30")]) => |s| fr(s).stale_while_revalidate == Duration::from_secs(30);
         rfc5861_4_sie_recorded: ("GET", NONE, 200, &[("cache-control", "max-age=60, stale-if-error=300")]) => |s| fr(s).stale_if_error == Duration::from_secs(300);
-        // RFC 5861 §3 vs RFC 9111 §5.2.2.3: must-understand lets an understood status ignore no-store.
+        // RFC 9111 §5.2.2.3: must-understand lets an understood status ignore no-store.
         rfc9111_5_2_2_3_must_understand_overrides_no_store: ("GET", NONE, 200, &[("cache-control", "must-understand, no-store, max-age=60")]) => |s| life(s) == 60;
         rfc9111_5_2_2_3_must_understand_unknown_status: ("GET", NONE, 299, &[("cache-control", "must-understand, no-store, max-age=60")]) => |s| why(s) == Some(NotStorable::MustUnderstand);
         // RFC 9213 §2.2: CDN-Cache-Control replaces Cache-Control and Expires for us.
@@ -524,8 +588,12 @@ mod tests {
         rfc9213_2_2_cdn_ignores_expires: ("GET", NONE, 200, &[("expires", &d(600)), ("cdn-cache-control", "must-revalidate"), ("date", &d(0)), ("last-modified", &d(-1000))]) => |s| life(s) == 100;
         rfc9213_2_1_invalid_cdn_falls_back: ("GET", NONE, 200, &[("cache-control", "max-age=60"), ("cdn-cache-control", "max-age=1.5")]) => |s| life(s) == 60;
         rfc9213_2_2_cdn_s_maxage: ("GET", NONE, 200, &[("cdn-cache-control", "s-maxage=90")]) => |s| life(s) == 90 && fr(s).must_revalidate;
-        surrogate_control_max_age: ("GET", NONE, 200, &[("cache-control", "max-age=5"), ("surrogate-control", "max-age=500")]) => |s| life(s) == 500;
-        surrogate_control_no_store: ("GET", NONE, 200, &[("cache-control", "max-age=5"), ("surrogate-control", "no-store")]) => |s| why(s) == Some(NotStorable::NoStore);
+        rfc9213_2_1_spaced_cdn_falls_back: ("GET", NONE, 200, &[("cache-control", "max-age=60"), ("cdn-cache-control", "max-age = 600")]) => |s| life(s) == 60;
+        rfc9213_2_1_upper_case_cdn_falls_back: ("GET", NONE, 200, &[("cache-control", "no-store"), ("cdn-cache-control", "Max-Age=600")]) => |s| why(s) == Some(NotStorable::NoStore);
+        rfc9213_2_1_cdn_last_duplicate_wins: ("GET", NONE, 200, &[("cdn-cache-control", "max-age=600, max-age=60")]) => |s| life(s) == 60;
+        // W3C Edge Architecture Specification 1.0, Surrogate-Control: the fallback target.
+        edge_arch_surrogate_control_max_age: ("GET", NONE, 200, &[("cache-control", "max-age=5"), ("surrogate-control", "max-age=500")]) => |s| life(s) == 500;
+        edge_arch_surrogate_control_no_store: ("GET", NONE, 200, &[("cache-control", "max-age=5"), ("surrogate-control", "no-store")]) => |s| why(s) == Some(NotStorable::NoStore);
         // Adversarial values.
         rfc9111_5_2_empty_cache_control_value: ("GET", NONE, 200, &[("cache-control", ""), ("date", &d(0)), ("last-modified", &d(-1000))]) => |s| life(s) == 100;
         rfc9110_5_6_1_stray_separators_in_cache_control: ("GET", NONE, 200, &[("cache-control", ",;=, max-age=60 ;,")]) => |s| life(s) == 60;
@@ -541,6 +609,7 @@ mod tests {
             &HeaderList::new(),
             200,
             &resp,
+            true,
             at(-5),
             at(0),
             &PolicyOptions::default(),
@@ -559,6 +628,7 @@ mod tests {
             &HeaderList::new(),
             200,
             &resp,
+            true,
             at(5),
             at(0),
             &PolicyOptions::default(),
@@ -641,6 +711,7 @@ mod tests {
             &HeaderList::new(),
             200,
             &resp,
+            true,
             at(0),
             at(0),
             &PolicyOptions::default(),
@@ -648,8 +719,9 @@ mod tests {
         assert_eq!(life(s), 60);
     }
 
+    // RFC 9211 §2.8: the `detail` token is an sf-token; ours are kebab-case.
     #[test]
-    fn rfc9211_2_7_not_storable_tokens_are_kebab_case() {
+    fn rfc9211_2_8_not_storable_tokens_are_kebab_case() {
         let all = [
             NotStorable::Method,
             NotStorable::Status,
@@ -662,6 +734,7 @@ mod tests {
             NotStorable::NoFreshness,
             NotStorable::SetCookie,
             NotStorable::MustUnderstand,
+            NotStorable::Incomplete,
         ];
         for w in all {
             let t = w.as_str();
@@ -671,6 +744,84 @@ mod tests {
             );
         }
         assert_eq!(NotStorable::VaryStar.as_str(), "vary-star");
+    }
+
+    // RFC 9211 §2.8: each reason is told apart in Cache-Status `detail=` (and metric labels),
+    // so every variant has its own token, and these tokens are an interface: pinned here.
+    #[test]
+    fn rfc9211_2_8_each_reason_has_its_own_detail_token() {
+        use NotStorable as W;
+        let table = [
+            (W::Method, "method"),
+            (W::Status, "status"),
+            (W::PartialContent, "partial-content"),
+            (W::NoStore, "no-store"),
+            (W::RequestNoStore, "request-no-store"),
+            (W::Private, "private"),
+            (W::Authorization, "authorization"),
+            (W::VaryStar, "vary-star"),
+            (W::NoFreshness, "no-freshness"),
+            (W::SetCookie, "set-cookie"),
+            (W::MustUnderstand, "must-understand"),
+            (W::Incomplete, "incomplete"),
+        ];
+        // Adding a variant without a row fails to compile here.
+        for (w, _) in &table {
+            match w {
+                W::Method
+                | W::Status
+                | W::PartialContent
+                | W::NoStore
+                | W::RequestNoStore
+                | W::Private
+                | W::Authorization
+                | W::VaryStar
+                | W::NoFreshness
+                | W::SetCookie
+                | W::MustUnderstand
+                | W::Incomplete => {}
+            }
+        }
+        let mut tokens = std::collections::HashSet::new();
+        let mut reasons = std::collections::HashSet::new();
+        for (w, token) in table {
+            assert_eq!(w.as_str(), token, "{w:?}");
+            assert!(tokens.insert(token), "token {token} used twice");
+            assert!(reasons.insert(w), "{w:?} listed twice");
+        }
+    }
+
+    // RFC 9111 §3.3: only complete responses are stored; the caller says whether the body is.
+    #[test]
+    fn rfc9111_3_3_incomplete_body_not_stored() {
+        let resp = list(&[("cache-control", "public, max-age=600"), ("etag", "\"a\"")]);
+        let none = HeaderList::new();
+        let o = PolicyOptions::default();
+        let cut = storable("GET", &none, 200, &resp, false, at(0), at(0), &o);
+        assert_eq!(why(cut), Some(NotStorable::Incomplete));
+        assert_eq!(
+            life(storable("GET", &none, 200, &resp, true, at(0), at(0), &o)),
+            600
+        );
+        // A reason decided earlier (method, status) still names the first rule broken.
+        let post = storable("POST", &none, 200, &resp, false, at(0), at(0), &o);
+        assert_eq!(why(post), Some(NotStorable::Method));
+    }
+
+    // RFC 9111 §5.2.1.7: with nothing stored, only-if-cached means 504, not a fetch.
+    #[test]
+    fn rfc9111_5_2_1_7_miss_is_unusable() {
+        assert!(miss_is_unusable(&list(&[(
+            "cache-control",
+            "only-if-cached"
+        )])));
+        assert!(miss_is_unusable(&list(&[(
+            "cache-control",
+            "max-stale, Only-If-Cached"
+        )])));
+        assert!(!miss_is_unusable(&list(&[("cache-control", "max-stale")])));
+        assert!(!miss_is_unusable(&list(&[("pragma", "only-if-cached")])));
+        assert!(!miss_is_unusable(&HeaderList::new()));
     }
 
     // ---- lookup -------------------------------------------------------------------------
@@ -747,7 +898,18 @@ mod tests {
         rfc9111_5_2_1_1_max_age_satisfied: (&[("cache-control", "max-age=100")], stored(200, 0, 0, 0), 50) => Lookup::Fresh;
         rfc9111_5_2_1_1_max_age_exceeded_while_fresh: (&[("cache-control", "max-age=100")], stored(200, 0, 0, 0), 150) => Lookup::MustRevalidate;
         rfc9111_5_2_1_1_max_age_refuses_swr: (&[("cache-control", "max-age=100")], stored(60, 0, 60, 0), 80) => Lookup::MustRevalidate;
-        rfc9111_5_2_1_1_max_age_with_max_stale_allows_swr: (&[("cache-control", "max-age=100, max-stale=1")], stored(60, 0, 60, 0), 80) => BG;
+        rfc9111_5_2_1_1_max_age_with_max_stale_allows_swr: (&[("cache-control", "max-age=100, max-stale=30")], stored(60, 0, 60, 0), 80) => BG;
+        // RFC 9111 §5.2.1.2 "by no more than the specified number of seconds": max-stale=N caps
+        // what the client accepts, also inside the origin's stale-while-revalidate window.
+        rfc9111_5_2_1_2_max_stale_caps_swr_with_max_age: (&[("cache-control", "max-age=100, max-stale=1")], stored(60, 0, 60, 0), 80) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_2_max_stale_caps_swr: (&[("cache-control", "max-stale=5")], stored(60, 0, 60, 0), 80) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_2_max_stale_cap_inclusive_in_swr: (&[("cache-control", "max-stale=20")], stored(60, 0, 60, 0), 80) => BG;
+        rfc9111_5_2_1_2_max_stale_larger_than_swr: (&[("cache-control", "max-stale=100")], stored(60, 0, 30, 0), 120) => STALE;
+        rfc9111_5_2_1_2_max_stale_zero_blocks_swr: (&[("cache-control", "max-stale=0")], stored(60, 0, 30, 0), 61) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_2_max_stale_zero_does_not_extend: (&[("cache-control", "max-stale=0")], stored(60, 0, 0, 0), 60) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_2_max_stale_zero_fresh_is_fresh: (&[("cache-control", "max-stale=0")], stored(60, 0, 30, 0), 59) => Lookup::Fresh;
+        rfc9111_5_2_1_2_invalid_max_stale_is_zero: (&[("cache-control", "max-stale=soon")], stored(60, 0, 30, 0), 70) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_2_smallest_repeated_max_stale_caps: (&[("cache-control", "max-stale=50, max-stale=5")], stored(60, 0, 0, 0), 80) => Lookup::MustRevalidate;
         rfc9111_5_2_1_1_invalid_max_age_is_zero: (&[("cache-control", "max-age=soon")], stored(60, 0, 0, 0), 1) => Lookup::MustRevalidate;
         // RFC 9111 §5.2.1.3
         rfc9111_5_2_1_3_min_fresh_unmet: (&[("cache-control", "min-fresh=60")], stored(100, 0, 0, 0), 50) => Lookup::MustRevalidate;
@@ -760,9 +922,18 @@ mod tests {
         rfc9111_5_2_1_2_max_stale_fresh_is_fresh: (&[("cache-control", "max-stale")], stored(60, 0, 0, 0), 10) => Lookup::Fresh;
         rfc9111_5_2_1_2_swr_preferred_over_max_stale: (&[("cache-control", "max-stale")], stored(60, 0, 30, 0), 70) => BG;
         rfc9111_5_2_1_2_max_stale_beyond_swr: (&[("cache-control", "max-stale")], stored(60, 0, 30, 0), 200) => STALE;
-        // RFC 9111 §5.2.1.7: only-if-cached changes nothing about freshness.
+        // RFC 9111 §5.2.1.7: only-if-cached serves what the other constraints allow, and answers
+        // 504 (Unusable) where the origin would otherwise be asked.
         rfc9111_5_2_1_7_only_if_cached_fresh: (&[("cache-control", "only-if-cached")], stored(60, 0, 0, 0), 1) => Lookup::Fresh;
-        rfc9111_5_2_1_7_only_if_cached_stale: (&[("cache-control", "only-if-cached")], stored(60, 0, 0, 0), 100) => Lookup::MustRevalidate;
+        rfc9111_5_2_1_7_only_if_cached_stale_is_unusable: (&[("cache-control", "only-if-cached")], stored(60, 0, 0, 0), 100) => Lookup::Unusable;
+        rfc9111_5_2_1_7_only_if_cached_with_max_stale: (&[("cache-control", "only-if-cached, max-stale")], stored(60, 0, 0, 0), 100) => STALE;
+        rfc9111_5_2_1_7_only_if_cached_in_swr_window: (&[("cache-control", "only-if-cached")], stored(60, 0, 60, 0), 100) => BG;
+        rfc9111_5_2_1_7_only_if_cached_with_no_cache: (&[("cache-control", "only-if-cached, no-cache")], stored(60, 0, 0, 0), 1) => Lookup::Unusable;
+        rfc9111_5_2_1_7_only_if_cached_stored_no_cache: (&[("cache-control", "only-if-cached")], no_cache(stored(60, 0, 0, 0)), 1) => Lookup::Unusable;
+        rfc9111_5_2_1_7_only_if_cached_must_revalidate: (&[("cache-control", "only-if-cached, max-stale")], strict(stored(60, 0, 0, 0)), 100) => Lookup::Unusable;
+        rfc9111_5_2_1_7_only_if_cached_max_age_exceeded: (&[("cache-control", "max-age=10, only-if-cached")], stored(60, 0, 0, 0), 30) => Lookup::Unusable;
+        rfc9111_5_2_1_7_only_if_cached_second_line: (&[("cache-control", "max-stale=1"), ("Cache-Control", "ONLY-IF-CACHED")], stored(60, 0, 0, 0), 100) => Lookup::Unusable;
+        rfc9111_5_4_pragma_no_cache_without_only_if_cached: (&[("pragma", "no-cache")], stored(60, 0, 0, 0), 100) => Lookup::MustRevalidate;
         // Zero lifetime entries (stored for their validators) always revalidate.
         rfc9111_4_3_zero_lifetime_revalidates: (NONE, stored(0, 0, 0, 0), 0) => Lookup::MustRevalidate;
         rfc9111_1_2_2_huge_freshness_values_do_not_overflow: (NONE, stored(u64::MAX, u64::MAX / 2, u64::MAX / 2, 0), 10) => Lookup::Fresh;
@@ -793,6 +964,9 @@ mod tests {
         rfc5861_4_request_stale_if_error: (&[("cache-control", "stale-if-error=100")], stored(60, 0, 0, 0), 150) => true;
         rfc5861_4_request_stale_if_error_exceeded: (&[("cache-control", "stale-if-error=100")], stored(60, 0, 0, 0), 170) => false;
         rfc9111_5_2_1_2_request_max_stale_on_error: (&[("cache-control", "max-stale")], stored(60, 0, 0, 0), 9999) => true;
+        rfc9111_5_2_1_2_request_max_stale_limit_on_error: (&[("cache-control", "max-stale=50")], stored(60, 0, 0, 0), 100) => true;
+        rfc9111_5_2_1_2_request_max_stale_limit_exceeded_on_error: (&[("cache-control", "max-stale=50")], stored(60, 0, 0, 0), 120) => false;
+        rfc9111_5_2_1_2_request_max_stale_zero_on_error: (&[("cache-control", "max-stale=0")], stored(60, 0, 0, 0), 60) => false;
     }
 
     #[test]
@@ -819,6 +993,7 @@ mod tests {
             &HeaderList::new(),
             200,
             &resp,
+            true,
             at(0),
             at(0),
             &PolicyOptions::default(),

@@ -91,7 +91,7 @@ mod tests {
 
     // RFC 9111 §4.2.3: current_age = corrected_initial_age + resident_time.
     #[test]
-    fn current_age_adds_resident_time() {
+    fn rfc9111_4_2_3_current_age_adds_resident_time() {
         assert_eq!(sample().current_age(at(1020)), Duration::from_secs(30));
         // A clock that went backwards gives no negative resident time.
         assert_eq!(sample().current_age(at(900)), Duration::from_secs(10));
@@ -99,7 +99,7 @@ mod tests {
 
     // RFC 9111 §4.2: fresh iff freshness_lifetime > current_age.
     #[test]
-    fn freshness_boundary() {
+    fn rfc9111_4_2_freshness_boundary() {
         let f = sample();
         assert!(f.is_fresh(at(1049)));
         assert!(!f.is_fresh(at(1050)));
@@ -108,8 +108,9 @@ mod tests {
         assert_eq!(f.staleness(at(1060)), Duration::from_secs(10));
     }
 
+    // RFC 9111 §4.2.4 (stale now, served only as permitted) with the RFC 5861 §3/§4 windows kept.
     #[test]
-    fn expired_at_is_stale_now_and_keeps_windows() {
+    fn rfc5861_3_expired_at_is_stale_now_and_keeps_windows() {
         let f = sample().expired_at(at(1020));
         assert!(!f.is_fresh(at(1020)));
         assert_eq!(f.stale_while_revalidate, Duration::from_secs(30));

@@ -202,7 +202,7 @@ mod tests {
 
     // RFC 9110 §5.1: field names are case-insensitive.
     #[test]
-    fn names_are_case_insensitive() {
+    fn rfc9110_5_1_names_are_case_insensitive() {
         let mut h = HeaderList::new();
         h.push("Cache-Control", "max-age=1");
         assert_eq!(h.get_str("cache-control"), Some("max-age=1"));
@@ -211,7 +211,7 @@ mod tests {
 
     // RFC 9110 §5.3: repeated list fields combine with commas, in order.
     #[test]
-    fn repeated_lines_join_in_order() {
+    fn rfc9110_5_3_repeated_lines_join_in_order() {
         let h: HeaderList = [("vary", "accept"), ("Vary", "accept-language")]
             .into_iter()
             .collect();
@@ -219,16 +219,18 @@ mod tests {
         assert_eq!(h.joined("etag"), None);
     }
 
+    // RFC 9110 §5.5: obs-text octets are allowed in values and must be kept as they are.
     #[test]
-    fn non_utf8_values_are_kept_but_not_read_as_text() {
+    fn rfc9110_5_5_non_utf8_values_are_kept_but_not_read_as_text() {
         let mut h = HeaderList::new();
         h.push("x", vec![0xff, 0xfe]);
         assert_eq!(h.get("x"), Some(&[0xff, 0xfe][..]));
         assert_eq!(h.get_str("x"), None);
     }
 
+    // RFC 9110 §5.3: a field is all its lines; replacing it replaces every line.
     #[test]
-    fn set_replaces_all_lines() {
+    fn rfc9110_5_3_set_replaces_all_lines() {
         let mut h: HeaderList = [("a", "1"), ("A", "2"), ("b", "3")].into_iter().collect();
         h.set("a", "9");
         assert_eq!(h.get_all("a").count(), 1);

@@ -347,8 +347,10 @@ mod tests {
         }
     }
 
+    // Surrogate-Key has no RFC: it is the CDN convention (Fastly's purge-by-key field) of
+    // space-separated keys on any number of lines; these tests name it `fastly_surrogate_key`.
     #[test]
-    fn surrogate_keys_split_and_dedup() {
+    fn fastly_surrogate_key_split_and_dedup() {
         let resp = list(&[
             ("surrogate-key", "  a b\tc "),
             ("Surrogate-Key", "b d"),
@@ -359,14 +361,14 @@ mod tests {
     }
 
     #[test]
-    fn surrogate_keys_skip_non_utf8() {
+    fn fastly_surrogate_key_skip_non_utf8() {
         let mut resp = HeaderList::new();
         resp.push("surrogate-key", vec![b'o', b'k', b' ', 0xff, b' ', b'z']);
         assert_eq!(surrogate_keys(&resp), ["ok", "z"]);
     }
 
     #[test]
-    fn surrogate_keys_huge_line() {
+    fn fastly_surrogate_key_huge_line() {
         let line: String = (0..20_000).map(|i| format!("k{} ", i % 1000)).collect();
         assert!(line.len() > 90_000);
         assert_eq!(

@@ -6,10 +6,12 @@
 //! The flow a caller drives:
 //! - miss: [`storable`] on the origin response → store [`headers_to_store`] with the
 //!   returned [`Freshness`] under the variant key from [`parse_vary`] + [`vary_values`];
-//! - hit: [`lookup`] → `Fresh` / `Stale` / `MustRevalidate`; answer client conditionals with
-//!   [`evaluate_conditional`] + [`not_modified_headers`]; send [`age_seconds`] as Age;
+//! - nothing stored selected: [`miss_is_unusable`] → 504 (only-if-cached), else fetch;
+//! - hit: [`lookup`] → `Fresh` / `Stale` / `MustRevalidate` / `Unusable` (→ 504); answer client
+//!   conditionals with [`evaluate_conditional`] + [`not_modified_headers`]; send [`age_seconds`] as Age;
 //! - revalidation: send [`revalidation_headers`]; on a 304 check [`not_modified_matches`],
 //!   then [`merge_not_modified`] and call [`storable`] again on the merged fields;
+//! - HEAD answered by the origin: [`head_update`] on each stored GET variant it selects;
 //! - origin error: [`may_serve_stale_on_error`];
 //! - unsafe methods: [`invalidation_targets`]; tags: [`surrogate_keys`].
 
@@ -21,6 +23,7 @@ mod invalidation;
 pub mod range;
 #[cfg(test)]
 mod robustness;
+mod structured;
 mod syntax;
 mod validators;
 mod vary;
@@ -29,15 +32,17 @@ use std::time::Duration;
 
 pub use cache_control::{CacheControl, MaxStale};
 pub use freshness::{
-    Lookup, NotStorable, Storable, age_seconds, lookup, may_serve_stale_on_error, storable,
+    Lookup, NotStorable, Storable, age_seconds, lookup, may_serve_stale_on_error, miss_is_unusable,
+    storable,
 };
 pub use freshness_state::Freshness;
 pub use headers::{HeaderList, headers_to_store, strip_hop_by_hop};
 pub use invalidation::{invalidation_targets, is_unsafe_method, surrogate_keys};
 pub use range::{ByteRange, RangeAnswer, select_ranges};
 pub use validators::{
-    ClientConditional, evaluate_conditional, head_matches_stored, merge_not_modified,
-    not_modified_headers, not_modified_matches, revalidation_headers, revalidation_matches,
+    ClientConditional, HeadUpdate, evaluate_conditional, head_matches_stored, head_update,
+    merge_not_modified, not_modified_headers, not_modified_matches, revalidation_headers,
+    revalidation_matches,
 };
 pub use vary::{Vary, parse_vary, vary_values};
 

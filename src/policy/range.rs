@@ -231,8 +231,9 @@ mod tests {
             .collect()
     }
 
+    // RFC 9110 §14.1, §14.1.2, §14.1.3, §14.2 (section per row).
     #[test]
-    fn parse_table() {
+    fn rfc9110_14_1_range_parse_table() {
         let cases: &[(&str, Option<Vec<RangeSpec>>, &str)] = &[
             (
                 "bytes=0-499",
@@ -295,8 +296,9 @@ mod tests {
         );
     }
 
+    // RFC 9110 §14.1.2, §14.1.3 (section per row).
     #[test]
-    fn resolve_table() {
+    fn rfc9110_14_1_2_range_resolve_table() {
         let cases: &[(&[RangeSpec], u64, Vec<ByteRange>, &str)] = &[
             (&[Bounded(0, 499)], 10_000, vec![r(0, 499)], "§14.1.2"),
             (

@@ -166,11 +166,16 @@ pub fn not_modified_headers(stored: &HeaderList) -> HeaderList {
 
 /// Conditional fields to send upstream when revalidating a stored response (RFC 9111 §4.3.1):
 /// its ETag as If-None-Match (MUST) and its Last-Modified as If-Modified-Since (SHOULD; both
-/// are sent, for intermediaries that ignore entity-tags). Values are copied verbatim: the
-/// origin compares against what it generated. Empty when the response has no validator.
+/// are sent, for intermediaries that ignore entity-tags). Values are copied (trimmed), not
+/// re-serialized: the origin compares against what it generated. An ETag that is not one
+/// valid entity-tag (RFC 9110 §8.8.3, e.g. unquoted `abc`) is not sent: it would make the
+/// If-None-Match field invalid, and an origin may then ignore it or fail the request. Same for
+/// a Last-Modified that is not an HTTP-date. Empty when no valid validator is stored.
 pub fn revalidation_headers(stored: &HeaderList) -> HeaderList {
     let mut out = HeaderList::with_capacity(2);
-    if let Some(etag) = stored.get("etag").map(trim_ows).filter(|e| !e.is_empty()) {
+    if let Some(etag) = stored.get("etag").map(trim_ows)
+        && parse_etag(etag).is_some()
+    {
         out.push("if-none-match", etag);
     }
     if let Some(lm) = stored.get("last-modified")
@@ -257,6 +262,36 @@ pub fn merge_not_modified(stored: &HeaderList, not_modified: &HeaderList) -> Hea
         }
     }
     headers_to_store(&merged)
+}
+
+/// What a response to a HEAD request does to a stored GET response that the same request
+/// would have selected (RFC 9111 §4.3.5).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeadUpdate {
+    /// The HEAD confirms the stored content: replace the stored fields with these (merged as
+    /// for a 304, RFC 9111 §3.2) and compute the new freshness with `storable` on them.
+    Update(HeaderList),
+    /// The HEAD shows or cannot rule out different content: the stored response must be
+    /// considered stale (mark it expired, e.g. `Freshness::expired_at`, or remove it).
+    Invalidate,
+    /// Not a 200: says nothing about the stored response; leave it as it is.
+    Ignore,
+}
+
+/// RFC 9111 §4.3.5: how a HEAD response with `head_status` and fields `head` affects the
+/// stored GET response with fields `stored`. Only a 200 counts; it updates the stored response
+/// when [`head_matches_stored`] (its ETag, Last-Modified and Content-Length agree), and
+/// otherwise makes it stale. The caller applies this to every stored variant the HEAD request
+/// selects (§4.1), never to others.
+pub fn head_update(stored: &HeaderList, head_status: u16, head: &HeaderList) -> HeadUpdate {
+    if head_status != 200 {
+        return HeadUpdate::Ignore;
+    }
+    if head_matches_stored(stored, head) {
+        HeadUpdate::Update(merge_not_modified(stored, head))
+    } else {
+        HeadUpdate::Invalidate
+    }
 }
 
 /// RFC 9111 §4.3.5: whether a 200 response to HEAD may freshen the stored GET response.
@@ -406,6 +441,38 @@ mod tests {
         assert_eq!(h.len(), 2);
     }
 
+    // RFC 9110 §8.8.3: only a syntactically valid entity-tag becomes If-None-Match.
+    #[test]
+    fn rfc9110_8_8_3_invalid_etag_not_sent_upstream() {
+        for bad in [
+            "abc",
+            "\"open",
+            "\"a\" junk",
+            "W/abc",
+            "w/\"a\"",
+            "\"a\", \"b\"",
+            "\"a b\"",
+        ] {
+            let h = revalidation_headers(&list(&[("etag", bad), ("last-modified", LM)]));
+            assert!(!h.contains("if-none-match"), "{bad:?} was sent");
+            assert_eq!(h.get_str("if-modified-since"), Some(LM), "{bad:?}");
+        }
+        let mut binary = HeaderList::new();
+        binary.push("etag", vec![b'"', 0x7f, b'"']);
+        assert!(revalidation_headers(&binary).is_empty());
+        // Valid forms, including obs-text and a comma inside the quotes, are sent as stored.
+        for good in ["\"abc\"", " W/\"x\" ", "\"\"", "\"a,b\""] {
+            let h = revalidation_headers(&list(&[("etag", good)]));
+            assert_eq!(h.get_str("if-none-match"), Some(good.trim()), "{good:?}");
+        }
+        let mut obs = HeaderList::new();
+        obs.push("etag", vec![b'"', 0xe9, b'"']);
+        assert_eq!(
+            revalidation_headers(&obs).get("if-none-match"),
+            Some(&[b'"', 0xe9, b'"'][..])
+        );
+    }
+
     #[test]
     fn rfc9111_4_3_1_revalidation_with_one_or_no_validator() {
         let only_etag = revalidation_headers(&list(&[("etag", "W/\"x\"")]));
@@ -539,6 +606,59 @@ mod tests {
         rfc9111_4_3_5_head_omits_fields_stored_has: (&[("etag", "\"a\""), ("content-length", "5")], &[("etag", "\"a\"")]) => true;
         rfc9111_4_3_5_nothing_to_compare: (&[("etag", "\"a\"")], &[("content-type", "text/plain")]) => false;
         rfc9111_4_3_5_malformed_content_length: (&[("content-length", "5")], &[("content-length", "5, 5")]) => false;
+    }
+
+    // RFC 9111 §4.3.5: a matching HEAD 200 updates the stored fields as a 304 would (§3.2).
+    #[test]
+    fn rfc9111_4_3_5_head_update_merges_fields() {
+        let head = list(&[
+            ("etag", "\"v1\""),
+            ("content-length", "5"),
+            ("cache-control", "max-age=600"),
+            ("date", "Tue, 08 Nov 1994 08:49:37 GMT"),
+            ("connection", "close"),
+            ("x-new", "1"),
+        ]);
+        let HeadUpdate::Update(merged) = head_update(&stored(), 200, &head) else {
+            panic!("a matching HEAD 200 must update");
+        };
+        assert_eq!(merged.get_str("cache-control"), Some("max-age=600"));
+        assert_eq!(
+            merged.get_str("date"),
+            Some("Tue, 08 Nov 1994 08:49:37 GMT")
+        );
+        assert_eq!(merged.get_str("x-new"), Some("1"));
+        assert_eq!(merged.get_str("content-type"), Some("text/plain"));
+        assert_eq!(merged.get_str("last-modified"), Some(LM));
+        assert!(!merged.contains("connection"));
+        assert_eq!(merged, merge_not_modified(&stored(), &head));
+    }
+
+    /// One `#[test]` per row: `name: (HEAD status, HEAD fields) => expected outcome for stored(),`
+    macro_rules! head_update_cases {
+        ($($name:ident: ($st:expr, $head:expr) => $want:pat,)*) => {$(
+            #[test]
+            fn $name() {
+                let got = head_update(&stored(), $st, &list($head));
+                assert!(matches!(got, $want), "got {got:?}");
+            }
+        )*};
+    }
+
+    head_update_cases! {
+        rfc9111_4_3_5_head_update_last_modified_match: (200, &[("last-modified", LM)]) => HeadUpdate::Update(_),
+        rfc9111_4_3_5_head_update_content_length_only: (200, &[("content-length", "5")]) => HeadUpdate::Update(_),
+        rfc9111_4_3_5_head_changed_etag_invalidates: (200, &[("etag", "\"v2\""), ("content-length", "5")]) => HeadUpdate::Invalidate,
+        rfc9111_4_3_5_head_changed_length_invalidates: (200, &[("etag", "\"v1\""), ("content-length", "6")]) => HeadUpdate::Invalidate,
+        rfc9111_4_3_5_head_changed_last_modified_invalidates: (200, &[("etag", "\"v1\""), ("last-modified", AFTER)]) => HeadUpdate::Invalidate,
+        rfc9111_4_3_5_head_malformed_etag_invalidates: (200, &[("etag", "v1")]) => HeadUpdate::Invalidate,
+        // Judgement: nothing to compare proves nothing, so the stored response becomes stale.
+        rfc9111_4_3_5_head_without_validators_invalidates: (200, &[("cache-control", "max-age=600")]) => HeadUpdate::Invalidate,
+        // §4.3.5 concerns a 200 only.
+        rfc9111_4_3_5_head_304_ignored: (304, &[("etag", "\"v2\"")]) => HeadUpdate::Ignore,
+        rfc9111_4_3_5_head_404_ignored: (404, &[("etag", "\"v2\"")]) => HeadUpdate::Ignore,
+        rfc9111_4_3_5_head_500_ignored: (500, &[]) => HeadUpdate::Ignore,
+        rfc9111_4_3_5_head_203_ignored: (203, &[("etag", "\"v1\"")]) => HeadUpdate::Ignore,
     }
 
     // RFC 9110 §15.4.5 + RFC 9111 §4.3.4: a 304 to our own revalidation without validators

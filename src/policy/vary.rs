@@ -38,8 +38,9 @@ pub fn parse_vary(resp: &HeaderList) -> Vary {
 ///
 /// Normalization, each step one that §4.1 allows:
 /// - lines of the same field are combined, empty lines dropped (§4.1 "combining multiple lines");
-/// - outside quoted strings, whitespace runs become one space and whitespace next to `,` is
-///   removed (§4.1 "adding or removing whitespace"); quoted strings are kept byte for byte;
+/// - outside quoted strings, whitespace runs become one space and whitespace next to `,` or
+///   `;` is removed (§4.1 "adding or removing whitespace"; RFC 9110 §5.6.3 OWS around list
+///   and parameter separators, §5.6.6, §12.4.2); quoted strings are kept byte for byte;
 /// - bytes that are not UTF-8 are written `\xNN` and `\` as `\\`, so distinct byte strings
 ///   never collide;
 /// - `Accept-Encoding` (if `opts.normalize_accept_encoding`): the sorted, lower-cased set of
@@ -75,7 +76,8 @@ pub fn vary_values(
         .collect()
 }
 
-/// Combined lines with whitespace normalized outside quoted strings.
+/// Combined lines with whitespace normalized outside quoted strings: runs become one space,
+/// and none is kept next to `,` or `;`.
 fn generic(req: &HeaderList, name: &str) -> String {
     let mut out: Vec<u8> = Vec::new();
     for line in req.get_all(name) {
@@ -105,7 +107,9 @@ fn generic(req: &HeaderList, name: &str) -> String {
                 pending_space = true;
                 continue;
             }
-            if b == b',' {
+            // OWS is allowed on both sides of list commas (RFC 9110 §5.6.1) and parameter
+            // semicolons (§5.6.6, e.g. `gzip ;q=1`), so it carries no meaning there.
+            if b == b',' || b == b';' {
                 pending_space = false;
                 while out.last() == Some(&b' ') {
                     out.pop();
@@ -113,7 +117,7 @@ fn generic(req: &HeaderList, name: &str) -> String {
                 out.push(b);
                 continue;
             }
-            if pending_space && out.last().is_some_and(|&l| l != b',') {
+            if pending_space && out.last().is_some_and(|&l| l != b',' && l != b';') {
                 out.push(b' ');
             }
             pending_space = false;
@@ -321,7 +325,12 @@ mod tests {
         rfc9111_4_1_empty_is_some: ("accept", &[("accept", "")]) => Some("");
         rfc9111_4_1_whitespace_collapsed: ("accept", &[("accept", "  text/html ,\t application/json  ")]) => Some("text/html,application/json");
         rfc9111_4_1_lines_combined: ("accept", &[("accept", "text/html"), ("accept", "application/json")]) => Some("text/html,application/json");
-        rfc9111_4_1_inner_space_kept_single: ("user-agent", &[("user-agent", "Mozilla/5.0   (X11;  Linux)")]) => Some("Mozilla/5.0 (X11; Linux)");
+        rfc9111_4_1_inner_space_kept_single: ("user-agent", &[("user-agent", "Mozilla/5.0   (X11)  Gecko")]) => Some("Mozilla/5.0 (X11) Gecko");
+        // RFC 9110 §5.6.3, §5.6.6, §12.4.2: OWS around ";" is not significant.
+        rfc9110_5_6_6_space_before_semicolon_removed: ("accept", &[("accept", "a ;q=1")]) => Some("a;q=1");
+        rfc9110_5_6_6_space_after_semicolon_removed: ("accept", &[("accept", "a;\t q=1 , b ; level=1")]) => Some("a;q=1,b;level=1");
+        rfc9110_5_6_6_user_agent_semicolons: ("user-agent", &[("user-agent", "Mozilla/5.0   (X11;  Linux)")]) => Some("Mozilla/5.0 (X11;Linux)");
+        rfc9110_5_6_4_semicolon_in_quotes_untouched: ("x-q", &[("x-q", "a=\"x ; y\" ; b")]) => Some("a=\"x ; y\";b");
         rfc9110_5_6_4_quoted_string_untouched: ("x-q", &[("x-q", "a=\"x  ,  y\" ,  b")]) => Some("a=\"x  ,  y\",b");
         // Values are case-sensitive in general: not folded.
         rfc9111_4_1_case_kept_for_unknown_fields: ("x-tenant", &[("x-tenant", "Acme")]) => Some("Acme");
@@ -346,6 +355,22 @@ mod tests {
         rfc9110_12_5_4_q_zero_dropped: ("accept-language", &[("accept-language", "en, de;q=0")]) => Some("en");
         rfc9110_12_5_4_dedup: ("accept-language", &[("accept-language", "en, EN;q=0.5, fr")]) => Some("en,fr");
         rfc9110_12_5_4_whitespace: ("accept-language", &[("accept-language", " da ,  en-gb ; q=0.8 ")]) => Some("da,en-gb");
+    }
+
+    // RFC 9110 §5.6.3, §12.4.2: the spellings differ only in OWS, so they select one variant.
+    #[test]
+    fn rfc9110_12_4_2_ows_variants_share_a_key() {
+        let spellings = ["a;q=1", "a ;q=1", "a; q=1", " a\t;\tq=1 "];
+        let keys: Vec<Option<String>> = spellings
+            .iter()
+            .map(|v| one("accept", &[("accept", v)]))
+            .collect();
+        assert!(keys.iter().all(|k| k == &keys[0]), "{keys:?}");
+        // Whitespace that separates words is still significant.
+        assert_ne!(
+            one("accept", &[("accept", "a b")]),
+            one("accept", &[("accept", "ab")])
+        );
     }
 
     // RFC 9110 §12.5.4: order is preference, so it is kept.

@@ -479,6 +479,7 @@ fn freshen(
         &HeaderList::new(),
         entry.status,
         &merged,
+        true, // the stored body is the complete one the 304 confirmed
         request_time,
         response_time,
         &state.policy,
@@ -529,6 +530,7 @@ async fn deliver(
             &job.headers,
             resp.status,
             &resp.headers,
+            true, // decided before the body arrives; the store's commit rejects a short body
             request_time,
             response_time,
             &state.policy,

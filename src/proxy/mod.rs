@@ -123,7 +123,7 @@ async fn lookup_cached(
     };
     let url_known = !variants.is_empty();
     let Some(variant) = selected(&variants, &ctx.headers, &state.policy) else {
-        if policy::CacheControl::from_request(&ctx.headers).only_if_cached {
+        if policy::miss_is_unusable(&ctx.headers) {
             return respond::only_if_cached_miss();
         }
         if ctx.is_head {
@@ -159,10 +159,8 @@ async fn lookup_cached(
                 return resp;
             }
         }
+        Lookup::Unusable => return respond::only_if_cached_miss(),
         Lookup::MustRevalidate => {
-            if policy::CacheControl::from_request(&ctx.headers).only_if_cached {
-                return respond::only_if_cached_miss();
-            }
             return Box::pin(fetch::fetch_for_cache(
                 &ctx,
                 &state,
@@ -174,7 +172,11 @@ async fn lookup_cached(
             .await;
         }
     }
-    // The stored body was damaged or missing; the store has dropped the entry. Fetch anew.
+    // The stored body was damaged or missing; the store has dropped the entry. Fetch anew,
+    // unless the client allows nothing but the cache (RFC 9111 §5.2.1.7).
+    if policy::miss_is_unusable(&ctx.headers) {
+        return respond::only_if_cached_miss();
+    }
     Box::pin(fetch::fetch_for_cache(
         &ctx, &state, &upstream, primary, None, "miss",
     ))
