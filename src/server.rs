@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use std::time::Instant;
 
-use actix_web::body::{BodySize, MessageBody};
+use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::dev::{Server, ServerHandle, Service, ServiceResponse};
 use actix_web::http::{Method, header};
 use actix_web::{App, HttpServer, web};
@@ -85,7 +85,9 @@ impl Larder {
     /// actix system; serving starts when `run` is awaited or spawned.
     pub fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Larder, StartError> {
         if config.admin.token.is_none() && !config.admin.listen.ip().is_loopback() {
-            return Err(StartError::AdminWithoutToken(config.admin.listen));
+            let refused = StartError::AdminWithoutToken(config.admin.listen);
+            tracing::error!(admin = %config.admin.listen, "{refused}");
+            return Err(refused);
         }
         if config.admin.token.is_none() {
             tracing::warn!(admin = %config.admin.listen, "no admin token configured: the admin API is open to local users");
@@ -137,11 +139,7 @@ impl Larder {
                 .wrap_fn(|req, srv| {
                     let started = Instant::now();
                     let response = srv.call(req);
-                    async move {
-                        let response = response.await?;
-                        record_request(&response, started);
-                        Ok(response)
-                    }
+                    async move { Ok(record_request(response.await?, started)) }
                 })
                 .app_data(state.clone())
                 // One awc client per worker: it is not Send.
@@ -171,6 +169,7 @@ impl Larder {
             clock: clock.clone(),
             flights,
             metrics,
+            entry_streams: Arc::new(tokio::sync::Semaphore::new(admin::MAX_ENTRY_STREAMS)),
         });
         let admin = HttpServer::new(move || {
             App::new()
@@ -277,9 +276,14 @@ impl Larder {
     }
 }
 
-/// Counts a proxied request in the metrics and writes its access-log line. Reads only what
-/// the response already holds; the log line costs nothing when `larder::access` is off.
-fn record_request<B: MessageBody>(response: &ServiceResponse<B>, started: Instant) {
+/// Counts a proxied request in the metrics when its head is ready, and arranges for its
+/// access-log line to be written when its body has been handed over (so that `bytes` is
+/// what was sent, chunked bodies included, and `duration_ms` covers the whole response).
+/// Costs no allocation when `larder::access` is off.
+fn record_request(
+    response: ServiceResponse<BoxBody>,
+    started: Instant,
+) -> ServiceResponse<LoggedBody> {
     let req = response.request();
     let status = response.status().as_u16();
     let cache_status = response
@@ -288,28 +292,88 @@ fn record_request<B: MessageBody>(response: &ServiceResponse<B>, started: Instan
         .and_then(|v| v.to_str().ok());
     let result = metrics::result_of(status, cache_status);
     // The announced length: exact for hits and sized origin bodies; unknown when chunked.
-    let bytes = match response.response().body().size() {
+    let announced = match response.response().body().size() {
         BodySize::Sized(n) if req.method() != Method::HEAD => Some(n),
         _ => None,
     };
     if let Some(state) = req.app_data::<web::Data<ProxyState>>() {
-        state.metrics.count_response(result, bytes);
+        state.metrics.count_response(result, announced);
+        // A pass always went to the origin (once); cache fetches count themselves.
+        if cache_status.is_some_and(|cs| cs.contains("fwd=method") || cs.contains("fwd=request")) {
+            state.metrics.origin_requests.inc();
+        }
     }
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    tracing::info!(
-        target: "larder::access",
-        method = req.method().as_str(),
-        url = format_args!("{host}{}", req.path()),
-        status,
-        cache = cache_status.unwrap_or("-"),
-        result,
-        bytes,
-        // Time until the response head; a streamed body may take longer.
-        duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
-        "request"
-    );
+    let line = tracing::enabled!(target: "larder::access", tracing::Level::INFO).then(|| {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        Box::new(AccessLine {
+            method: req.method().clone(),
+            url: format!("{host}{target}"),
+            status,
+            cache: cache_status.unwrap_or("-").to_string(),
+            result,
+            started,
+            bytes: 0,
+        })
+    });
+    response.map_body(|_, body| LoggedBody { body, line })
+}
+
+/// What one access-log line says, filled in as the body goes out.
+struct AccessLine {
+    method: Method,
+    url: String,
+    status: u16,
+    cache: String,
+    result: &'static str,
+    started: Instant,
+    bytes: u64,
+}
+
+/// A response body that counts the bytes it hands to the connection and writes the access-log
+/// line when it is dropped: at its end, or when the client went away (then `bytes` is short).
+pub struct LoggedBody {
+    body: BoxBody,
+    line: Option<Box<AccessLine>>,
+}
+
+impl MessageBody for LoggedBody {
+    type Error = Box<dyn std::error::Error>;
+
+    fn size(&self) -> BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<bytes::Bytes, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_next(cx);
+        if let (std::task::Poll::Ready(Some(Ok(chunk))), Some(line)) = (&polled, &mut self.line) {
+            line.bytes += chunk.len() as u64;
+        }
+        polled
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        let Some(line) = self.line.take() else { return };
+        tracing::info!(
+            target: "larder::access",
+            method = line.method.as_str(),
+            url = line.url.as_str(),
+            status = line.status,
+            cache = line.cache.as_str(),
+            result = line.result,
+            bytes = line.bytes,
+            // Until the last byte was handed to the connection.
+            duration_ms = line.started.elapsed().as_micros() as f64 / 1000.0,
+            "request"
+        );
+    }
 }

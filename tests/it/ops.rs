@@ -149,7 +149,7 @@ fn read_rest(s: &mut TcpStream, out: &mut Vec<u8>) {
 }
 
 /// The body of a raw HTTP/1.1 response, chunked or not; `None` if the chunked framing is cut.
-fn body_of(raw: &[u8]) -> Option<String> {
+pub(crate) fn body_of(raw: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(raw);
     let (head, mut rest) = text.split_once("\r\n\r\n")?;
     if !head
@@ -259,7 +259,7 @@ async fn second_signal_exits_at_once() {
 /// Parses Prometheus text exposition (format 0.0.4), panicking on any line that is not a
 /// `# HELP` / `# TYPE` comment or a `name{labels} value [timestamp]` sample. Returns the
 /// samples keyed by `name{labels}` as written.
-fn parse_exposition(text: &str) -> HashMap<String, f64> {
+pub(crate) fn parse_exposition(text: &str) -> HashMap<String, f64> {
     fn is_name(s: &str) -> bool {
         let mut chars = s.chars();
         chars
