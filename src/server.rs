@@ -366,7 +366,7 @@ impl Drop for LoggedBody {
         tracing::info!(
             target: "larder::access",
             method = line.method.as_str(),
-            url = line.url.as_str(),
+            url = %line.url,
             status = line.status,
             cache = line.cache.as_str(),
             result = line.result,
