@@ -1108,3 +1108,22 @@ async fn rust_log_overrides_the_configured_level() {
     let from_file = log_of_one_request("level = \"warn\"", None).await;
     assert!(!from_file.contains("larder::access"), "{from_file}");
 }
+
+// The README's metrics table names every metric /metrics exports.
+#[actix_web::test]
+async fn readme_lists_every_exported_metric() {
+    let origin = TestOrigin::start().await;
+    let proxy = TestProxy::start(&origin).await;
+    let text = scrape(proxy.admin_addr, &[]).await.text();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(names.len() >= 16, "{names:?}");
+    for name in names {
+        assert!(readme.contains(&format!("`{name}")), "README lacks {name}");
+    }
+}
