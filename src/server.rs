@@ -1,4 +1,4 @@
-//! Opens the store, binds the proxy and admin listeners, runs both, and flushes the store on the way out.
+//! Opens the store, binds the proxy and admin listeners (or takes them from systemd socket activation), runs both, and flushes the store on the way out.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, RwLock};
@@ -32,6 +32,8 @@ pub enum StartError {
         "refusing to start the admin API on {0} without a token: set [admin] token, token_file or LARDER_ADMIN_TOKEN, or listen on loopback"
     )]
     AdminWithoutToken(SocketAddr),
+    #[error("socket activation: {0}")]
+    Activation(String),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -80,13 +82,87 @@ impl LarderHandle {
     }
 }
 
+/// Listening sockets handed over by systemd socket activation (`systemd/larder.socket`);
+/// a listener given here is used instead of binding its configured address.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub proxy: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+/// The sockets systemd passed to this process (sd_listen_fds(3)): `LISTEN_FDS` descriptors
+/// from fd 3 on, meant for us only if `LISTEN_PID` is our pid. A socket named `proxy` or
+/// `admin` in `LISTEN_FDNAMES` (from `FileDescriptorName=` of separate .socket units) goes
+/// there; otherwise the first is the proxy's and the second the admin API's. Without them,
+/// nothing is inherited. Takes ownership of those descriptors, so it hands them out once per
+/// process; later calls find none.
+pub fn inherited_listeners() -> Result<Inherited, StartError> {
+    use std::os::fd::FromRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let var = |name| std::env::var(name).ok();
+    let ours = var("LISTEN_PID").and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let Some(count) = var("LISTEN_FDS").filter(|_| ours) else {
+        return Ok(Inherited::default());
+    };
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Ok(Inherited::default());
+    }
+    let bad = |m: String| StartError::Activation(m);
+    let count: i32 = count
+        .parse()
+        .ok()
+        .filter(|n| (1..=2).contains(n))
+        .ok_or_else(|| bad(format!("LISTEN_FDS={count}: expected 1 or 2 sockets")))?;
+    let names: Vec<String> = match var("LISTEN_FDNAMES") {
+        Some(n) if !n.is_empty() => n.split(':').map(str::to_string).collect(),
+        _ => ["proxy", "admin"].iter().map(|s| s.to_string()).collect(),
+    };
+    let mut inherited = Inherited::default();
+    for (i, fd) in (3..3 + count).enumerate() {
+        let name = names.get(i).map_or("", String::as_str);
+        // SAFETY: systemd passed fds 3..3+LISTEN_FDS open to this pid (checked above), and
+        // TAKEN makes this the only place that ever owns them.
+        let listener = unsafe { TcpListener::from_raw_fd(fd) };
+        if let Err(e) = listener.local_addr() {
+            return Err(bad(format!("fd {fd} ({name}) is not a TCP socket: {e}")));
+        }
+        // systemd names every socket of one .socket unit alike (by default the unit's name),
+        // so any other name means "by position", in the unit's ListenStream= order.
+        let slot = match (name, i) {
+            ("proxy", _) | (_, 0) if name != "admin" => &mut inherited.proxy,
+            _ => &mut inherited.admin,
+        };
+        if slot.replace(listener).is_some() {
+            return Err(bad(format!(
+                "fd {fd} ({name:?}) is a second socket for the same listener"
+            )));
+        }
+    }
+    Ok(inherited)
+}
+
 impl Larder {
     /// Opens the store and binds both listeners (port 0 picks a free port). Call inside an
     /// actix system; serving starts when `run` is awaited or spawned.
     pub fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Larder, StartError> {
-        if config.admin.token.is_none() && !config.admin.listen.ip().is_loopback() {
-            let refused = StartError::AdminWithoutToken(config.admin.listen);
-            tracing::error!(admin = %config.admin.listen, "{refused}");
+        Self::start_with(config, clock, Inherited::default())
+    }
+
+    /// `start`, using the listeners in `inherited` instead of binding their addresses.
+    pub fn start_with(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        inherited: Inherited,
+    ) -> Result<Larder, StartError> {
+        let admin_planned = inherited
+            .admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or(config.admin.listen);
+        if config.admin.token.is_none() && !admin_planned.ip().is_loopback() {
+            let refused = StartError::AdminWithoutToken(admin_planned);
+            tracing::error!(admin = %admin_planned, "{refused}");
             return Err(refused);
         }
         if config.admin.token.is_none() {
@@ -106,8 +182,19 @@ impl Larder {
         let bind = |what, addr| {
             TcpListener::bind(addr).map_err(|source| StartError::Bind { what, addr, source })
         };
-        let proxy_listener = bind("proxy", config.listen)?;
-        let admin_listener = bind("admin", config.admin.listen)?;
+        for (what, l) in [("proxy", &inherited.proxy), ("admin", &inherited.admin)] {
+            if let Some(addr) = l.as_ref().and_then(|l| l.local_addr().ok()) {
+                tracing::info!(%addr, "{what} listener from systemd socket activation");
+            }
+        }
+        let proxy_listener = match inherited.proxy {
+            Some(l) => l,
+            None => bind("proxy", config.listen)?,
+        };
+        let admin_listener = match inherited.admin {
+            Some(l) => l,
+            None => bind("admin", config.admin.listen)?,
+        };
         let local = |l: &TcpListener, what, addr| {
             l.local_addr()
                 .map_err(|source| StartError::Bind { what, addr, source })

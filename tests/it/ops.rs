@@ -658,16 +658,23 @@ fn systemd_unit_verifies() {
         unit.replace("/usr/local/bin/larder", env!("CARGO_BIN_EXE_larder")),
     )
     .unwrap();
+    let socket = dir.path().join("larder.socket");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/larder.socket"),
+        &socket,
+    )
+    .unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
+        .arg(&socket)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // Unknown or misspelled keys are only warnings (exit 0): any line about our unit fails too.
+    // Unknown or misspelled keys are only warnings (exit 0): any line about our units fails too.
     let ours: Vec<&str> = stderr
         .lines()
-        .filter(|l| l.contains("larder.service"))
+        .filter(|l| l.contains("larder.service") || l.contains("larder.socket"))
         .collect();
     assert!(
         out.status.success() && ours.is_empty(),
@@ -1126,4 +1133,72 @@ async fn readme_lists_every_exported_metric() {
     for name in names {
         assert!(readme.contains(&format!("`{name}")), "README lacks {name}");
     }
+}
+
+// Socket activation (systemd/larder.socket): with LISTEN_PID/LISTEN_FDS set as systemd sets
+// them, Larder serves on the sockets it was handed and binds nothing itself (the configured
+// addresses are held by this test, so a bind would fail).
+#[actix_web::test]
+async fn socket_activation_serves_on_the_passed_listeners() {
+    let origin = TestOrigin::start().await;
+    origin.fixed(
+        "/sa",
+        Reply::ok("activated").header("cache-control", "max-age=600"),
+    );
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (proxy_addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
+    let (taken_a, taken_b) = (
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    // The shell moves the two listeners (its stdin and stdout) to fds 3 and 4, then becomes
+    // larder, keeping its pid: what systemd does between fork and exec.
+    let script = format!(
+        "exec 3<&0 4>&1 0</dev/null 1>/dev/null; \
+         export LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=larder.socket:larder.socket; \
+         exec '{}' serve --origin '{}' --data-dir '{}' --listen {} --admin-listen {}",
+        env!("CARGO_BIN_EXE_larder"),
+        origin.url(),
+        dir.path().join("data").display(),
+        taken_a.local_addr().unwrap(),
+        taken_b.local_addr().unwrap(),
+    );
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(proxy)))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(admin)))
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = Reaper(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        if log.contains("larder ready") {
+            assert!(
+                log.contains(&format!("proxy={proxy_addr}"))
+                    && log.contains(&format!("admin={admin_addr}")),
+                "{log}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && child.0.try_wait().unwrap().is_none(),
+            "not ready on the passed sockets: {log}"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = get(&format!("http://{proxy_addr}/sa"), HOST).await;
+    assert_eq!(r.text(), "activated");
+    let health = get(&format!("http://{admin_addr}/healthz"), &[]).await;
+    assert_eq!(health.status, 200);
+    kill(child.0.id(), "TERM");
+    let status = wait_with_timeout(&mut child.0, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    drop((taken_a, taken_b));
 }
