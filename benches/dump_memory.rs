@@ -1,9 +1,11 @@
-//! `larder dump` memory: fills a store, runs the real binary over it, and reports its peak RSS at two sizes (it must not grow with the entry count).
+//! `larder dump` memory: fills a store, runs the real binary over it (offline, and through a running server's admin API), and reports peak RSS at two sizes (it must not grow with the entry count).
 //!
 //! `cargo bench --bench dump_memory` (optional arg: the larger entry count, default 100000).
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use larder::key::{PrimaryKey, VariantKey};
@@ -16,30 +18,120 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(100_000);
     let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let mut filled = 0;
-    println!("entries  fill_s  dump_s  lines  peak_rss_mib  open_only_rss_mib");
+    println!(
+        "path     entries  fill_s  dump_s   lines  dump_peak_rss_mib  open_only_rss_mib  server_rss_mib(before -> peak)"
+    );
     for target in [large / 10, large] {
         let started = Instant::now();
-        runtime.block_on(fill(dir.path(), filled, target));
+        runtime.block_on(fill(&data, filled, target));
         let fill_s = started.elapsed().as_secs_f64();
         filled = target;
-        let (lines, peak_kib, dump_s) = dump(dir.path(), None);
+
+        let offline = |limit| {
+            dump(
+                &["--offline", "--data-dir", data.to_str().unwrap()],
+                limit,
+                None,
+            )
+        };
+        let (lines, peak_kib, dump_s, _) = offline(None);
         // The same with --limit 1: what opening the store costs, before any iteration.
-        let (_, open_kib, _) = dump(dir.path(), Some(1));
+        let (_, open_kib, _, _) = offline(Some(1));
         println!(
-            "{target:>7}  {fill_s:>6.1}  {dump_s:>6.2}  {lines:>5}  {:>12.1}  {:>17.1}",
-            peak_kib as f64 / 1024.0,
-            open_kib as f64 / 1024.0
+            "offline  {target:>7}  {fill_s:>6.1}  {dump_s:>6.2}  {lines:>6}  {:>17.1}  {:>17.1}  -",
+            mib(peak_kib),
+            mib(open_kib)
         );
         assert_eq!(lines, target, "dump must print every entry");
+
+        // Through the admin API: the server holds the store, dump streams /entries.
+        let config = dir.path().join("larder.toml");
+        let admin_port = free_port();
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[origin]\nurl = \"http://127.0.0.1:9\"\n\
+                 [storage]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let mut server = Command::new(env!("CARGO_BIN_EXE_larder"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", admin_port)).is_err() {
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let server_before = rss_kib(server.id(), "VmRSS:").unwrap_or(0);
+        let args = ["--config", config.to_str().unwrap()];
+        let (lines, peak_kib, dump_s, server_peak) = dump(&args, None, Some(server.id()));
+        let (_, open_kib, _, _) = dump(&args, Some(1), None);
+        println!(
+            "admin    {target:>7}  {fill_s:>6.1}  {dump_s:>6.2}  {lines:>6}  {:>17.1}  {:>17.1}  {:.1} -> {:.1}",
+            mib(peak_kib),
+            mib(open_kib),
+            mib(server_before),
+            mib(server_peak)
+        );
+        stop(&mut server);
+        assert_eq!(
+            lines, target,
+            "dump via the admin API must print every entry"
+        );
     }
 }
 
-async fn fill(dir: &std::path::Path, from: usize, to: usize) {
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn stop(server: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = server.kill();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `/proc/<pid>/status` field in KiB (VmHWM: peak resident set; VmRSS: current).
+fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn fill(dir: &Path, from: usize, to: usize) {
     let store = Store::open(dir, StoreOptions::default()).unwrap();
     let now = SystemTime::now();
     for i in from..to {
@@ -75,16 +167,16 @@ async fn fill(dir: &std::path::Path, from: usize, to: usize) {
     store.flush().await.unwrap();
 }
 
-/// Runs `larder dump` on the store; returns (lines printed, peak RSS in KiB, seconds).
-fn dump(dir: &std::path::Path, limit: Option<u64>) -> (usize, u64, f64) {
+/// Runs `larder dump` with `args`; returns (lines printed, the dump's peak RSS in KiB, seconds,
+/// and the highest RSS of `server` seen meanwhile, in KiB).
+fn dump(args: &[&str], limit: Option<u64>, server: Option<u32>) -> (usize, u64, f64, u64) {
     let started = Instant::now();
     let mut command = Command::new(env!("CARGO_BIN_EXE_larder"));
-    command.args(["dump", "--offline", "--data-dir"]).arg(dir);
+    command.arg("dump").args(args);
     if let Some(n) = limit {
         command.args(["--limit", &n.to_string()]);
     }
     let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
-    let status_path = format!("/proc/{}/status", child.id());
     let mut stdout = child.stdout.take().unwrap();
     // Count lines on a thread while this one samples the child's high-water mark (VmHWM),
     // which the kernel keeps, so the last sample before exit is the peak.
@@ -98,16 +190,13 @@ fn dump(dir: &std::path::Path, limit: Option<u64>) -> (usize, u64, f64) {
             }
         }
     });
-    let mut peak = 0;
+    let (mut peak, mut server_peak) = (0, 0);
     while child.try_wait().unwrap().is_none() {
-        if let Ok(status) = std::fs::read_to_string(&status_path)
-            && let Some(kib) = status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        {
+        if let Some(kib) = rss_kib(child.id(), "VmHWM:") {
             peak = kib;
+        }
+        if let Some(kib) = server.and_then(|pid| rss_kib(pid, "VmRSS:")) {
+            server_peak = server_peak.max(kib);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -115,5 +204,6 @@ fn dump(dir: &std::path::Path, limit: Option<u64>) -> (usize, u64, f64) {
         counter.join().unwrap(),
         peak,
         started.elapsed().as_secs_f64(),
+        server_peak,
     )
 }

@@ -30,7 +30,12 @@ pub struct AdminState {
     /// The proxy's fetches in flight: a purge detaches them so none is reused after it.
     pub flights: Arc<Flights>,
     pub metrics: Arc<Metrics>,
+    /// Bounds the `/entries` streams running at once (each holds a thread); see [`MAX_ENTRY_STREAMS`].
+    pub entry_streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many `/entries` streams may run at once; more get 503.
+pub const MAX_ENTRY_STREAMS: usize = 4;
 
 /// Registers the admin routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -87,11 +92,13 @@ impl PurgeRequest {
             return Err("give exactly one of \"url\", \"prefix\", \"tag\" or \"all\"".to_string());
         }
         let selector = if let Some(url) = self.url {
+            refuse_https("url", &url)?;
             Selector::Url(PrimaryKey::from_url(&url).ok_or_else(|| {
                 format!("\"url\" must be an absolute http URL like http://host/path?q, got {url:?}")
             })?)
         } else if let Some(prefix) = self.prefix {
-            if !prefix.starts_with("http://") && !prefix.starts_with("https://") {
+            refuse_https("prefix", &prefix)?;
+            if !prefix.starts_with("http://") {
                 return Err(format!(
                     "\"prefix\" must start with http:// and the host, got {prefix:?}"
                 ));
@@ -109,6 +116,20 @@ impl PurgeRequest {
         };
         Ok((selector, self.soft))
     }
+}
+
+/// Larder's listener speaks plain HTTP, so every key is an `http://` URL (`RequestCtx::url`):
+/// an `https://` selector could only ever match nothing, which would look like a purge that
+/// worked. Say so instead.
+fn refuse_https(field: &str, value: &str) -> Result<(), String> {
+    let scheme = value.split_once("://").map(|(s, _)| s);
+    if scheme.is_some_and(|s| s.eq_ignore_ascii_case("https")) {
+        return Err(format!(
+            "\"{field}\" is an https:// URL, but Larder serves and keys plain http only: \
+             use the http:// form with the same host and path, got {value:?}"
+        ));
+    }
+    Ok(())
 }
 
 async fn purge(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> HttpResponse {
@@ -165,10 +186,26 @@ async fn entries(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse
         Ok(q) => q.into_inner(),
         Err(e) => return json_error(400, &format!("invalid query: {e}")),
     };
+    // Each stream holds a thread until its client has read it all: bound them, so a burst of
+    // slow readers cannot pile up threads.
+    let Ok(permit) = state.entry_streams.clone().try_acquire_owned() else {
+        return json_error(
+            503,
+            "too many /entries streams in progress; retry when one has finished",
+        );
+    };
     let store = state.store.clone();
     let now = state.clock.now();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-    std::thread::spawn(move || stream_entries(store, query, now, tx));
+    let spawned = std::thread::Builder::new()
+        .name("larder-entries".into())
+        .spawn(move || {
+            stream_entries(store, query, now, tx);
+            drop(permit);
+        });
+    if let Err(e) = spawned {
+        return json_error(503, &format!("cannot start the entries stream: {e}"));
+    }
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
@@ -219,8 +256,19 @@ async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
         return denied;
     }
     let s = state.store.stats();
+    let results: serde_json::Map<String, serde_json::Value> = crate::metrics::RESULTS
+        .iter()
+        .map(|r| (r.to_string(), state.metrics.result_count(r).into()))
+        .collect();
     let body = serde_json::json!({
         "entries": s.entries,
+        // What [storage] max_size bounds: records (inline bodies included) plus body files.
+        "bytes": s.record_bytes + s.body_file_bytes,
+        // Answered from the store without waiting for the origin (fresh, or stale by permission).
+        "hits": state.metrics.result_count("hit") + state.metrics.result_count("stale"),
+        // Fetched from the origin for the cache (not passes, revalidations or errors).
+        "misses": state.metrics.result_count("miss"),
+        "requests": results,
         "body_bytes": s.body_bytes,
         "body_files": s.body_files,
         "body_file_bytes": s.body_file_bytes,
@@ -264,8 +312,7 @@ fn check_token(req: &HttpRequest, state: &AdminState) -> Option<HttpResponse> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_credentials);
     match given {
         Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => None,
         Some(_) => Some(json_error(401, "wrong admin token")),
@@ -276,6 +323,15 @@ fn check_token(req: &HttpRequest, state: &AdminState) -> Option<HttpResponse> {
                 .body("{\"error\":\"missing admin token: send Authorization: Bearer <token>\"}\n"),
         ),
     }
+}
+
+/// The token of `Bearer <token>`. RFC 9110 §11.1: the scheme is case-insensitive, and one or
+/// more spaces separate it from the credentials.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' ').trim())
 }
 
 /// Compares without an early exit, so the time taken does not tell how much of a guess matched.
@@ -302,7 +358,30 @@ fn store_error(e: StoreError) -> HttpResponse {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{bearer_credentials, constant_time_eq, refuse_https};
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        // RFC 9110 §11.1: auth-scheme is case-insensitive; 1*SP before the credentials.
+        for (value, want) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER abc", Some("abc")),
+            ("Bearer   abc", Some("abc")),
+            ("Basic abc", None),
+            ("Bearerabc", None),
+            ("abc", None),
+        ] {
+            assert_eq!(bearer_credentials(value), want, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn https_selectors_are_refused() {
+        assert!(refuse_https("url", "https://h/p").is_err());
+        assert!(refuse_https("prefix", "HTTPS://h/").is_err());
+        assert!(refuse_https("url", "http://h/p").is_ok());
+    }
 
     #[test]
     fn token_comparison() {

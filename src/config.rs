@@ -167,7 +167,7 @@ pub struct OriginConfig {
     /// Scheme, host and port of the origin, without a trailing slash.
     pub base_url: String,
     pub connect_timeout: Duration,
-    /// Time allowed until the response headers arrive (then 504).
+    /// Time allowed for the response headers after the request body last moved (then 504).
     pub response_timeout: Duration,
     /// Longest pause allowed between two body chunks before the fetch is abandoned.
     pub body_timeout: Duration,

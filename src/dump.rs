@@ -208,16 +208,70 @@ fn write_json_line(out: &mut impl Write, format: DumpFormat, line: &[u8]) -> Res
         DumpFormat::Table => {
             let v: serde_json::Value = serde_json::from_slice(line)
                 .map_err(|e| DumpError::Admin(format!("bad entry line from admin API: {e}")))?;
+            // Plain strings and integers: serde_json::Value's Display ignores width and fill.
+            let number = |field: &str| v[field].as_u64().map_or("?".to_string(), |n| n.to_string());
             writeln!(
                 out,
                 "{:<6} {:<8} {:>10} {:<7} {}",
-                v["status"],
+                number("status"),
                 v["state"].as_str().unwrap_or("?"),
-                v["size"],
+                number("size"),
                 v["body_location"].as_str().unwrap_or("?"),
                 v["url"].as_str().unwrap_or("?")
             )?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Column start offsets of a table line: where each of the first five columns begins
+    /// (SIZE is right-aligned, so its *end* is what lines up; see `aligned`).
+    fn columns(line: &str) -> Vec<usize> {
+        let mut starts = Vec::new();
+        let mut prev_space = true;
+        for (i, c) in line.char_indices() {
+            if c != ' ' && prev_space {
+                starts.push(i);
+            }
+            prev_space = c == ' ';
+        }
+        starts
+    }
+
+    #[test]
+    fn table_columns_line_up() {
+        let mut out = Vec::new();
+        write_table_header(&mut out).unwrap();
+        for (status, state, size, location) in [
+            (200, "fresh", 3, "inline"),
+            (404, "expired", 1_234_567, "file"),
+            (301, "stale", 42, "inline"),
+        ] {
+            let line = serde_json::json!({
+                "status": status, "state": state, "size": size,
+                "body_location": location, "url": "http://h/p",
+            });
+            write_json_line(&mut out, DumpFormat::Table, line.to_string().as_bytes()).unwrap();
+        }
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let header = columns(lines[0]);
+        let size_end = lines[0].find("SIZE").unwrap() + 4;
+        for line in &lines[1..] {
+            let cols = columns(line);
+            assert_eq!(cols.len(), 5, "{line:?}");
+            // STATUS, STATE, WHERE and URL start where their headings do.
+            for i in [0, 1, 3, 4] {
+                assert_eq!(cols[i], header[i], "column {i} of {line:?}\n{text}");
+            }
+            // SIZE ends where its heading does.
+            let size_text = &line[cols[2]..];
+            let size_len = size_text.find(' ').unwrap();
+            assert_eq!(cols[2] + size_len, size_end, "{line:?}\n{text}");
+        }
+    }
 }

@@ -37,8 +37,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     let set_level = init_tracing(&config.log);
+    let inherited = larder::server::inherited_listeners()?;
     actix_web::rt::System::new().block_on(async move {
-        let larder = Larder::start(&config, Arc::new(SystemClock))?;
+        let larder = Larder::start_with(&config, Arc::new(SystemClock), inherited)?;
         reload_on_hangup(larder.handle(), args.config, overrides, set_level)
             .context("cannot handle SIGHUP")?;
         larder.run_until_signal().await.context("server failed")

@@ -14,7 +14,8 @@ pub struct Metrics {
     registry: Registry,
     /// Requests by how the cache answered (see [`RESULTS`] and [`result_of`]).
     pub requests: IntCounterVec,
-    /// Requests sent to the origin by cache fetches (misses, revalidations, refreshes).
+    /// Requests sent to the origin: cache fetches (counted by the fetch) and passes (counted
+    /// by the server when their response is ready).
     pub origin_requests: IntCounter,
     /// Time from sending a request to the origin until its response head (every origin request).
     pub origin_latency: Histogram,
@@ -109,7 +110,7 @@ impl Metrics {
             requests,
             origin_requests: counter(
                 "larder_origin_fetches_total",
-                "Origin requests made by cache fetches (misses, revalidations, refreshes)",
+                "Origin requests: cache fetches (misses, revalidations, refreshes) and passes (unsafe methods, HEAD misses)",
             ),
             origin_latency,
             coalesced_waits: counter(
@@ -172,6 +173,11 @@ impl Metrics {
             };
             self.served_bytes.with_label_values(&[source]).inc_by(n);
         }
+    }
+
+    /// How many requests were counted with `result` (one of [`RESULTS`]) since start.
+    pub fn result_count(&self, result: &str) -> u64 {
+        self.requests.with_label_values(&[result]).get()
     }
 
     /// Prometheus text exposition of every metric, with the store's numbers as of now.

@@ -12,7 +12,12 @@ use std::time::Duration;
 /// Sends `state` (e.g. `"READY=1"`) to systemd. Without `NOTIFY_SOCKET` (not run by systemd
 /// with `Type=notify`) it does nothing and answers `Ok(false)`.
 pub fn notify(state: &str) -> io::Result<bool> {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    notify_to(std::env::var_os("NOTIFY_SOCKET").as_deref(), state)
+}
+
+/// `notify` with the socket given (`None`: not under systemd, nothing is sent).
+fn notify_to(socket: Option<&std::ffi::OsStr>, state: &str) -> io::Result<bool> {
+    let Some(path) = socket else {
         return Ok(false);
     };
     let socket = UnixDatagram::unbound()?;
@@ -72,16 +77,16 @@ pub fn notify_or_warn(state: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
 
-    // One test touches the process environment, so the cases run in sequence.
+    // The socket is passed in rather than set in the environment: unit tests run on many
+    // threads, and set_var races every other thread's getenv.
     #[test]
     fn sends_datagrams_to_path_and_abstract_sockets() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let server = UnixDatagram::bind(&path).unwrap();
-        // SAFETY: no other unit test reads NOTIFY_SOCKET.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
-        assert!(notify("READY=1").unwrap());
+        assert!(notify_to(Some(path.as_os_str()), "READY=1").unwrap());
         let mut buf = [0u8; 64];
         let n = server.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
@@ -92,13 +97,14 @@ mod tests {
             let name = format!("larder-test-{}", std::process::id());
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
             let server = UnixDatagram::bind_addr(&addr).unwrap();
-            unsafe { std::env::set_var("NOTIFY_SOCKET", format!("@{name}")) };
-            assert!(notify("STOPPING=1").unwrap());
+            let at = format!("@{name}");
+            assert!(notify_to(Some(OsStr::new(&at)), "STOPPING=1").unwrap());
             let n = server.recv(&mut buf).unwrap();
             assert_eq!(&buf[..n], b"STOPPING=1");
         }
 
-        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
-        assert!(!notify("READY=1").unwrap());
+        assert!(!notify_to(None, "READY=1").unwrap());
+        let relative = notify_to(Some(OsStr::new("relative.sock")), "READY=1");
+        assert_eq!(relative.unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 }

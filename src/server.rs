@@ -1,11 +1,11 @@
-//! Opens the store, binds the proxy and admin listeners, runs both, and flushes the store on the way out.
+//! Opens the store, binds the proxy and admin listeners (or takes them from systemd socket activation), runs both, and flushes the store on the way out.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, RwLock};
 
 use std::time::Instant;
 
-use actix_web::body::{BodySize, MessageBody};
+use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::dev::{Server, ServerHandle, Service, ServiceResponse};
 use actix_web::http::{Method, header};
 use actix_web::{App, HttpServer, web};
@@ -32,6 +32,8 @@ pub enum StartError {
         "refusing to start the admin API on {0} without a token: set [admin] token, token_file or LARDER_ADMIN_TOKEN, or listen on loopback"
     )]
     AdminWithoutToken(SocketAddr),
+    #[error("socket activation: {0}")]
+    Activation(String),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -80,12 +82,88 @@ impl LarderHandle {
     }
 }
 
+/// Listening sockets handed over by systemd socket activation (`systemd/larder.socket`);
+/// a listener given here is used instead of binding its configured address.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub proxy: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+/// The sockets systemd passed to this process (sd_listen_fds(3)): `LISTEN_FDS` descriptors
+/// from fd 3 on, meant for us only if `LISTEN_PID` is our pid. A socket named `proxy` or
+/// `admin` in `LISTEN_FDNAMES` (from `FileDescriptorName=` of separate .socket units) goes
+/// there; otherwise the first is the proxy's and the second the admin API's. Without them,
+/// nothing is inherited. Takes ownership of those descriptors, so it hands them out once per
+/// process; later calls find none.
+pub fn inherited_listeners() -> Result<Inherited, StartError> {
+    use std::os::fd::FromRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let var = |name| std::env::var(name).ok();
+    let ours = var("LISTEN_PID").and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let Some(count) = var("LISTEN_FDS").filter(|_| ours) else {
+        return Ok(Inherited::default());
+    };
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Ok(Inherited::default());
+    }
+    let bad = |m: String| StartError::Activation(m);
+    let count: i32 = count
+        .parse()
+        .ok()
+        .filter(|n| (1..=2).contains(n))
+        .ok_or_else(|| bad(format!("LISTEN_FDS={count}: expected 1 or 2 sockets")))?;
+    let names: Vec<String> = match var("LISTEN_FDNAMES") {
+        Some(n) if !n.is_empty() => n.split(':').map(str::to_string).collect(),
+        _ => ["proxy", "admin"].iter().map(|s| s.to_string()).collect(),
+    };
+    let mut inherited = Inherited::default();
+    for (i, fd) in (3..3 + count).enumerate() {
+        let name = names.get(i).map_or("", String::as_str);
+        // SAFETY: systemd passed fds 3..3+LISTEN_FDS open to this pid (checked above), and
+        // TAKEN makes this the only place that ever owns them.
+        let listener = unsafe { TcpListener::from_raw_fd(fd) };
+        if let Err(e) = listener.local_addr() {
+            return Err(bad(format!("fd {fd} ({name}) is not a TCP socket: {e}")));
+        }
+        // systemd names every socket of one .socket unit alike (by default the unit's name),
+        // so any other name means "by position", in the unit's ListenStream= order.
+        let slot = match (name, i) {
+            ("proxy", _) | (_, 0) if name != "admin" => &mut inherited.proxy,
+            _ => &mut inherited.admin,
+        };
+        if slot.replace(listener).is_some() {
+            return Err(bad(format!(
+                "fd {fd} ({name:?}) is a second socket for the same listener"
+            )));
+        }
+    }
+    Ok(inherited)
+}
+
 impl Larder {
     /// Opens the store and binds both listeners (port 0 picks a free port). Call inside an
     /// actix system; serving starts when `run` is awaited or spawned.
     pub fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Larder, StartError> {
-        if config.admin.token.is_none() && !config.admin.listen.ip().is_loopback() {
-            return Err(StartError::AdminWithoutToken(config.admin.listen));
+        Self::start_with(config, clock, Inherited::default())
+    }
+
+    /// `start`, using the listeners in `inherited` instead of binding their addresses.
+    pub fn start_with(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        inherited: Inherited,
+    ) -> Result<Larder, StartError> {
+        let admin_planned = inherited
+            .admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or(config.admin.listen);
+        if config.admin.token.is_none() && !admin_planned.ip().is_loopback() {
+            let refused = StartError::AdminWithoutToken(admin_planned);
+            tracing::error!(admin = %admin_planned, "{refused}");
+            return Err(refused);
         }
         if config.admin.token.is_none() {
             tracing::warn!(admin = %config.admin.listen, "no admin token configured: the admin API is open to local users");
@@ -105,8 +183,19 @@ impl Larder {
         let bind = |what, addr| {
             TcpListener::bind(addr).map_err(|source| StartError::Bind { what, addr, source })
         };
-        let proxy_listener = bind("proxy", config.listen)?;
-        let admin_listener = bind("admin", config.admin.listen)?;
+        for (what, l) in [("proxy", &inherited.proxy), ("admin", &inherited.admin)] {
+            if let Some(addr) = l.as_ref().and_then(|l| l.local_addr().ok()) {
+                tracing::info!(%addr, "{what} listener from systemd socket activation");
+            }
+        }
+        let proxy_listener = match inherited.proxy {
+            Some(l) => l,
+            None => bind("proxy", config.listen)?,
+        };
+        let admin_listener = match inherited.admin {
+            Some(l) => l,
+            None => bind("admin", config.admin.listen)?,
+        };
         let local = |l: &TcpListener, what, addr| {
             l.local_addr()
                 .map_err(|source| StartError::Bind { what, addr, source })
@@ -138,11 +227,7 @@ impl Larder {
                 .wrap_fn(|req, srv| {
                     let started = Instant::now();
                     let response = srv.call(req);
-                    async move {
-                        let response = response.await?;
-                        record_request(&response, started);
-                        Ok(response)
-                    }
+                    async move { Ok(record_request(response.await?, started)) }
                 })
                 .app_data(state.clone())
                 // One awc client per worker: it is not Send.
@@ -172,6 +257,7 @@ impl Larder {
             clock: clock.clone(),
             flights,
             metrics,
+            entry_streams: Arc::new(tokio::sync::Semaphore::new(admin::MAX_ENTRY_STREAMS)),
         });
         let admin = HttpServer::new(move || {
             App::new()
@@ -278,9 +364,14 @@ impl Larder {
     }
 }
 
-/// Counts a proxied request in the metrics and writes its access-log line. Reads only what
-/// the response already holds; the log line costs nothing when `larder::access` is off.
-fn record_request<B: MessageBody>(response: &ServiceResponse<B>, started: Instant) {
+/// Counts a proxied request in the metrics when its head is ready, and arranges for its
+/// access-log line to be written when its body has been handed over (so that `bytes` is
+/// what was sent, chunked bodies included, and `duration_ms` covers the whole response).
+/// Costs no allocation when `larder::access` is off.
+fn record_request(
+    response: ServiceResponse<BoxBody>,
+    started: Instant,
+) -> ServiceResponse<LoggedBody> {
     let req = response.request();
     let status = response.status().as_u16();
     let cache_status = response
@@ -289,28 +380,88 @@ fn record_request<B: MessageBody>(response: &ServiceResponse<B>, started: Instan
         .and_then(|v| v.to_str().ok());
     let result = metrics::result_of(status, cache_status);
     // The announced length: exact for hits and sized origin bodies; unknown when chunked.
-    let bytes = match response.response().body().size() {
+    let announced = match response.response().body().size() {
         BodySize::Sized(n) if req.method() != Method::HEAD => Some(n),
         _ => None,
     };
     if let Some(state) = req.app_data::<web::Data<ProxyState>>() {
-        state.metrics.count_response(result, bytes);
+        state.metrics.count_response(result, announced);
+        // A pass always went to the origin (once); cache fetches count themselves.
+        if cache_status.is_some_and(|cs| cs.contains("fwd=method") || cs.contains("fwd=request")) {
+            state.metrics.origin_requests.inc();
+        }
     }
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    tracing::info!(
-        target: "larder::access",
-        method = req.method().as_str(),
-        url = format_args!("{host}{}", req.path()),
-        status,
-        cache = cache_status.unwrap_or("-"),
-        result,
-        bytes,
-        // Time until the response head; a streamed body may take longer.
-        duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
-        "request"
-    );
+    let line = tracing::enabled!(target: "larder::access", tracing::Level::INFO).then(|| {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        Box::new(AccessLine {
+            method: req.method().clone(),
+            url: format!("{host}{target}"),
+            status,
+            cache: cache_status.unwrap_or("-").to_string(),
+            result,
+            started,
+            bytes: 0,
+        })
+    });
+    response.map_body(|_, body| LoggedBody { body, line })
+}
+
+/// What one access-log line says, filled in as the body goes out.
+struct AccessLine {
+    method: Method,
+    url: String,
+    status: u16,
+    cache: String,
+    result: &'static str,
+    started: Instant,
+    bytes: u64,
+}
+
+/// A response body that counts the bytes it hands to the connection and writes the access-log
+/// line when it is dropped: at its end, or when the client went away (then `bytes` is short).
+pub struct LoggedBody {
+    body: BoxBody,
+    line: Option<Box<AccessLine>>,
+}
+
+impl MessageBody for LoggedBody {
+    type Error = Box<dyn std::error::Error>;
+
+    fn size(&self) -> BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<bytes::Bytes, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_next(cx);
+        if let (std::task::Poll::Ready(Some(Ok(chunk))), Some(line)) = (&polled, &mut self.line) {
+            line.bytes += chunk.len() as u64;
+        }
+        polled
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        let Some(line) = self.line.take() else { return };
+        tracing::info!(
+            target: "larder::access",
+            method = line.method.as_str(),
+            url = %line.url,
+            status = line.status,
+            cache = line.cache.as_str(),
+            result = line.result,
+            bytes = line.bytes,
+            // Until the last byte was handed to the connection.
+            duration_ms = line.started.elapsed().as_micros() as f64 / 1000.0,
+            "request"
+        );
+    }
 }

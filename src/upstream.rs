@@ -3,12 +3,17 @@
 //! Everything awc-specific stays here; the proxy sees `HeaderList`s, status codes and a body it
 //! pulls chunk by chunk, so it never holds an awc type across its own logic.
 
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use actix_web::body::MessageBody;
+use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::{Method, header::HeaderName, header::HeaderValue};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use tokio::time::Instant;
 
 use crate::config::OriginConfig;
 use crate::policy::HeaderList;
@@ -31,7 +36,9 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// The status a client gets when no cached copy can stand in: 504 for timeouts, 502 otherwise.
+    /// The status a client gets when no cached copy can stand in: 504 when the origin took
+    /// too long to answer (RFC 9110 §15.6.5), 502 otherwise, including a connection that could
+    /// not be opened in `connect_timeout` (§15.6.3: no usable answer from the inbound server).
     pub fn status(&self) -> u16 {
         match self {
             UpstreamError::Timeout(_) => 504,
@@ -85,7 +92,9 @@ impl Upstream {
             .limit(256);
         let client = awc::Client::builder()
             .connector(connector)
-            .timeout(cfg.response_timeout)
+            // awc's timeout covers the whole exchange, request body included: a slow upload to a
+            // healthy origin would get a 504. `send` times only the wait for the head instead.
+            .disable_timeout()
             // A proxy passes redirects to its client and adds no User-Agent of its own.
             .disable_redirects()
             .no_default_headers()
@@ -124,9 +133,14 @@ impl Upstream {
                 request = request.append_header((n, v));
             }
         }
-        let response = request
-            .send_body(body)
-            .await
+        let progress = Rc::new(Cell::new(Instant::now()));
+        let body = Progress {
+            inner: Box::pin(body),
+            last: progress.clone(),
+        };
+        let sending = request.send_body(body);
+        let response = await_head(sending, &progress, self.response_timeout)
+            .await?
             .map_err(|e| classify(e, self.response_timeout))?;
         let status = response.status().as_u16();
         let headers = response
@@ -145,11 +159,60 @@ impl Upstream {
     }
 }
 
+/// Waits for the response head, allowing `timeout` after the request body last made progress
+/// (its last chunk read, or its end): an upload that keeps moving is never cut, and once the
+/// request is sent the origin has `timeout` to answer. A body-less request gets `timeout` from
+/// the start. Connecting is bounded separately, by the connector's `connect_timeout`.
+async fn await_head<F: std::future::Future>(
+    sending: F,
+    progress: &Cell<Instant>,
+    timeout: Duration,
+) -> Result<F::Output, UpstreamError> {
+    let mut sending = std::pin::pin!(sending);
+    loop {
+        let deadline = progress.get() + timeout;
+        match tokio::time::timeout_at(deadline, &mut sending).await {
+            Ok(out) => return Ok(out),
+            // The body moved since the deadline was set: the origin is still receiving.
+            Err(_) if progress.get() + timeout > Instant::now() => continue,
+            Err(_) => return Err(UpstreamError::Timeout(timeout)),
+        }
+    }
+}
+
+/// A request body that records when it last yielded a chunk or ended (see `await_head`).
+struct Progress<B> {
+    inner: Pin<Box<B>>,
+    last: Rc<Cell<Instant>>,
+}
+
+impl<B: MessageBody> MessageBody for Progress<B> {
+    type Error = B::Error;
+
+    fn size(&self) -> BodySize {
+        self.inner.size()
+    }
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let polled = self.inner.as_mut().poll_next(cx);
+        if let Poll::Ready(Some(Ok(_)) | None) = &polled {
+            self.last.set(Instant::now());
+        }
+        polled
+    }
+}
+
 fn classify(e: awc::error::SendRequestError, timeout: Duration) -> UpstreamError {
     use awc::error::{ConnectError, SendRequestError as E};
     match e {
         E::Timeout => UpstreamError::Timeout(timeout),
-        E::Connect(ConnectError::Timeout) => UpstreamError::Timeout(timeout),
+        // No connection within connect_timeout is an unreachable origin, like a refusal.
+        E::Connect(ConnectError::Timeout) => {
+            UpstreamError::Connect("connection timed out".to_string())
+        }
         E::Connect(c) => UpstreamError::Connect(c.to_string()),
         other => UpstreamError::Protocol(other.to_string()),
     }

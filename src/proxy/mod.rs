@@ -95,14 +95,15 @@ pub async fn handle(
     // Only complete GET/HEAD responses are cached. A Range request is served from (or fills)
     // the full stored response; a cache fetch never forwards Range (fetch::CLIENT_ONLY_FIELDS),
     // so a 206 is never mistaken for the full representation.
-    let cacheable_request = ctx.method == "GET" || ctx.is_head;
-    if !cacheable_request {
-        let fwd = if ctx.method == "GET" || ctx.is_head {
-            "request"
-        } else {
-            "method"
-        };
-        return Box::pin(fetch::pass(&ctx, &state, &upstream, Some(payload), fwd)).await;
+    if ctx.method != "GET" && !ctx.is_head {
+        return Box::pin(fetch::pass(
+            &ctx,
+            &state,
+            &upstream,
+            Some(payload),
+            "method",
+        ))
+        .await;
     }
     lookup_cached(ctx, state, upstream).await
 }
@@ -127,8 +128,9 @@ async fn lookup_cached(
             return respond::only_if_cached_miss();
         }
         if ctx.is_head {
-            // A HEAD miss would store no body; ask the origin and store nothing.
-            return Box::pin(fetch::pass(&ctx, &state, &upstream, None, "miss")).await;
+            // A HEAD miss would store no body; ask the origin and store nothing. RFC 9211 §2.2:
+            // `fwd=request` is "the request itself" bypassing the cache, counted as a pass.
+            return Box::pin(fetch::pass(&ctx, &state, &upstream, None, "request")).await;
         }
         let fwd = if url_known { "vary-miss" } else { "miss" };
         return Box::pin(fetch::fetch_for_cache(

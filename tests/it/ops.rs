@@ -88,8 +88,23 @@ fn systemd_hears_ready_watchdog_and_stopping() {
 
     let before = await_state(&sock, "READY=1", Duration::from_secs(30));
     assert!(before.is_empty(), "READY=1 must come first: {before:?}");
-    TcpStream::connect(proxy).expect("proxy port accepts once READY=1 is sent");
-    TcpStream::connect(admin).expect("admin port accepts once READY=1 is sent");
+    // No retry: at READY=1 both ports accept and answer (the origin is down: a 502 is an answer).
+    for (addr, path, want) in [
+        (admin, "/healthz", "HTTP/1.1 200"),
+        (proxy, "/", "HTTP/1.1 502"),
+    ] {
+        let mut s = TcpStream::connect(addr).expect("port accepts once READY=1 is sent");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: ops.example\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        read_rest(&mut s, &mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with(want), "{addr}{path}: {text}");
+    }
 
     // WATCHDOG_USEC = 0.4 s: a ping every 0.2 s; allow a loaded machine plenty more.
     await_state(&sock, "WATCHDOG=1", Duration::from_secs(10));
@@ -105,6 +120,65 @@ fn systemd_hears_ready_watchdog_and_stopping() {
     await_state(&sock, "STOPPING=1", Duration::from_secs(10));
     let status = wait_with_timeout(&mut child.0, Duration::from_secs(30));
     assert!(status.success(), "graceful stop exits 0, got {status:?}");
+}
+
+// READY=1 only once both listeners are bound and the store is open: when any of them cannot
+// be had, the process exits non-zero and systemd never hears READY=1 (a READY sent before
+// the binds or the store open would show up here).
+#[test]
+fn no_ready_when_a_listener_or_the_store_cannot_be_had() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let locked_dir = dir.path().join("locked");
+    let _holder =
+        larder::store::Store::open(&locked_dir, larder::store::StoreOptions::default()).unwrap();
+    let free = "127.0.0.1:0".to_string();
+    let cases = [
+        (
+            "proxy port taken",
+            taken_addr.clone(),
+            free.clone(),
+            dir.path().join("d1"),
+        ),
+        (
+            "admin port taken",
+            free.clone(),
+            taken_addr.clone(),
+            dir.path().join("d2"),
+        ),
+        (
+            "store locked",
+            free.clone(),
+            free.clone(),
+            locked_dir.clone(),
+        ),
+    ];
+    for (i, (what, listen, admin, data)) in cases.into_iter().enumerate() {
+        let sock_path = dir.path().join(format!("notify-{i}.sock"));
+        let sock = UnixDatagram::bind(&sock_path).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_larder"))
+            .arg("serve")
+            .args(["--origin", "http://127.0.0.1:9", "--data-dir"])
+            .arg(&data)
+            .args(["--listen", &listen, "--admin-listen", &admin])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: started anyway: {stderr}");
+        sock.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 512];
+        let mut got = Vec::new();
+        while let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        assert!(
+            !got.iter().any(|m| m.contains("READY=1")),
+            "{what}: READY=1 sent though it could not serve: {got:?} {stderr}"
+        );
+    }
+    drop(taken);
 }
 
 /// Origin chunks sent over `n × pause`.
@@ -149,7 +223,7 @@ fn read_rest(s: &mut TcpStream, out: &mut Vec<u8>) {
 }
 
 /// The body of a raw HTTP/1.1 response, chunked or not; `None` if the chunked framing is cut.
-fn body_of(raw: &[u8]) -> Option<String> {
+pub(crate) fn body_of(raw: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(raw);
     let (head, mut rest) = text.split_once("\r\n\r\n")?;
     if !head
@@ -259,7 +333,7 @@ async fn second_signal_exits_at_once() {
 /// Parses Prometheus text exposition (format 0.0.4), panicking on any line that is not a
 /// `# HELP` / `# TYPE` comment or a `name{labels} value [timestamp]` sample. Returns the
 /// samples keyed by `name{labels}` as written.
-fn parse_exposition(text: &str) -> HashMap<String, f64> {
+pub(crate) fn parse_exposition(text: &str) -> HashMap<String, f64> {
     fn is_name(s: &str) -> bool {
         let mut chars = s.chars();
         chars
@@ -462,14 +536,20 @@ async fn metrics_public_skips_the_token_for_metrics_only() {
 async fn access_log_line_per_request() {
     let origin = TestOrigin::start().await;
     origin.fixed(
-        "/logged",
+        "/logged?x=1&y=two",
         Reply::ok("abc").header("cache-control", "max-age=600"),
     );
     let dir = tempfile::tempdir().unwrap();
     let (url, path) = (origin.url(), dir.path().display().to_string());
+    // A chunked answer (no Content-Length): its bytes are counted as they go out.
+    let (chunked, whole) = slow_reply(3, Duration::from_millis(10));
+    origin.fixed("/chunked", chunked);
     let larder = LarderProcess::spawn(&serve_args(&url, &path));
-    get(&larder.url("/logged"), HOST).await;
-    get(&larder.url("/logged"), HOST).await;
+    get(&larder.url("/logged?x=1&y=two"), HOST).await;
+    get(&larder.url("/logged?x=1&y=two"), HOST).await;
+    let c = get(&larder.url("/chunked"), HOST).await;
+    assert_eq!(c.header("content-length"), None, "meant to be chunked");
+    assert_eq!(c.text(), whole);
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let lines = loop {
@@ -478,25 +558,34 @@ async fn access_log_line_per_request() {
             .into_iter()
             .filter(|l| l.contains("larder::access"))
             .collect();
-        if lines.len() >= 2 || Instant::now() > deadline {
+        if lines.len() >= 3 || Instant::now() > deadline {
             break lines;
         }
         actix_web::rt::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(lines.len(), 2, "{:?}", larder.log());
+    assert_eq!(lines.len(), 3, "{:?}", larder.log());
     for (line, result) in lines.iter().zip(["miss", "hit"]) {
         for field in [
             "method=\"GET\"",
-            "url=ops.example/logged",
+            "url=ops.example/logged?x=1&y=two ",
             "status=200",
             "cache=\"larder; ",
-            "bytes=3",
+            "bytes=3 ",
             "duration_ms=",
         ] {
             assert!(line.contains(field), "{field} missing in {line}");
         }
         assert!(line.contains(&format!("result=\"{result}\"")), "{line}");
     }
+    let chunked_line = &lines[2];
+    assert!(
+        chunked_line.contains(&format!("bytes={} ", whole.len())),
+        "{chunked_line}"
+    );
+    assert!(
+        chunked_line.contains("url=ops.example/chunked "),
+        "{chunked_line}"
+    );
 }
 
 // The shipped unit passes `systemd-analyze verify` (where systemd is installed) and keeps the
@@ -508,6 +597,7 @@ fn systemd_unit_verifies() {
         "/systemd/larder.service"
     ))
     .unwrap();
+    // Every directive issue 8 asks for, plus the rest of the hardening the README promises.
     for line in [
         "Type=notify",
         "NotifyAccess=main",
@@ -518,12 +608,34 @@ fn systemd_unit_verifies() {
         "StateDirectory=larder",
         "ConfigurationDirectory=larder",
         "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
         "NoNewPrivileges=yes",
         "CapabilityBoundingSet=",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "SystemCallFilter=@system-service",
+        "MemoryDenyWriteExecute=yes",
+        "LimitNOFILE=65536",
         "Restart=on-failure",
+        "PrivateDevices=yes",
+        "ProtectProc=invisible",
+        "ProcSubset=pid",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectControlGroups=yes",
+        "RestrictNamespaces=yes",
+        "LockPersonality=yes",
+        "SystemCallArchitectures=native",
+        "UMask=0077",
     ] {
         assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
     }
+    // No capability unless the operator asks for a port below 1024 (then only that one).
+    assert!(
+        !unit.lines().any(|l| l.starts_with("AmbientCapabilities=")),
+        "the unit grants a capability by default"
+    );
+    assert!(unit.contains("#   AmbientCapabilities=CAP_NET_BIND_SERVICE\n"));
     // SIGHUP reloads the token and log level (sighup_reloads_token_and_log_level).
     assert!(
         unit.lines()
@@ -546,16 +658,23 @@ fn systemd_unit_verifies() {
         unit.replace("/usr/local/bin/larder", env!("CARGO_BIN_EXE_larder")),
     )
     .unwrap();
+    let socket = dir.path().join("larder.socket");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/larder.socket"),
+        &socket,
+    )
+    .unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
+        .arg(&socket)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // Unknown or misspelled keys are only warnings (exit 0): any line about our unit fails too.
+    // Unknown or misspelled keys are only warnings (exit 0): any line about our units fails too.
     let ours: Vec<&str> = stderr
         .lines()
-        .filter(|l| l.contains("larder.service"))
+        .filter(|l| l.contains("larder.service") || l.contains("larder.socket"))
         .collect();
     assert!(
         out.status.success() && ours.is_empty(),
@@ -650,4 +769,436 @@ async fn sighup_reloads_token_and_log_level() {
         access, 1,
         "only the request before the reload to warn is logged: {log}"
     );
+}
+
+// After SIGTERM no new connection is taken (the listeners close), while the response already
+// streaming still completes.
+#[actix_web::test]
+async fn sigterm_refuses_new_connections_while_in_flight_finishes() {
+    let origin = TestOrigin::start().await;
+    let (reply, whole) = slow_reply(8, Duration::from_millis(250));
+    origin.fixed("/slow", reply);
+    let dir = tempfile::tempdir().unwrap();
+    let (url, path) = (origin.url(), dir.path().display().to_string());
+    let mut larder = LarderProcess::spawn(&serve_args(&url, &path));
+    let (addr, admin, pid) = (larder.addr, larder.admin_addr, larder.child.id());
+
+    let (raw, refused) = tokio::task::spawn_blocking(move || {
+        let (mut s, mut out) = start_get(addr, "/slow");
+        kill(pid, "TERM");
+        // Within the 2 s the response still needs, both listeners must stop taking connections.
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        let mut refused = Vec::new();
+        for target in [addr, admin] {
+            loop {
+                match TcpStream::connect(target) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        refused.push(target);
+                        break;
+                    }
+                    _ if Instant::now() > deadline => break,
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        read_rest(&mut s, &mut out);
+        (out, refused)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        refused,
+        vec![addr, admin],
+        "new connections were still taken"
+    );
+    assert_eq!(
+        body_of(&raw).as_deref(),
+        Some(whole.as_str()),
+        "in-flight response cut: {}",
+        String::from_utf8_lossy(&raw)
+    );
+    let status = wait_with_timeout(&mut larder.child, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+}
+
+// A response still streaming when [server] shutdown_timeout runs out is cut, and the process
+// still flushes the store and exits 0 (instead of waiting for it).
+#[actix_web::test]
+async fn shutdown_timeout_cuts_a_stuck_response_and_exits() {
+    let origin = TestOrigin::start().await;
+    // 20 s of body against a 1 s shutdown_timeout.
+    let (reply, whole) = slow_reply(40, Duration::from_millis(500));
+    origin.fixed("/stuck", reply);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("larder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"1s\"\n[origin]\nurl = \"{}\"\n\
+             [storage]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            origin.url(),
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut larder = LarderProcess::spawn(&["--config", config.to_str().unwrap()]);
+    let (addr, pid) = (larder.addr, larder.child.id());
+    let (raw, took) = tokio::task::spawn_blocking(move || {
+        let (mut s, mut out) = start_get(addr, "/stuck");
+        kill(pid, "TERM");
+        let started = Instant::now();
+        read_rest(&mut s, &mut out);
+        (out, started.elapsed())
+    })
+    .await
+    .unwrap();
+    assert_ne!(body_of(&raw).as_deref(), Some(whole.as_str()), "not cut");
+    assert!(took < Duration::from_secs(8), "cut only after {took:?}");
+    let status = wait_with_timeout(&mut larder.child, Duration::from_secs(15));
+    assert!(status.success(), "{status:?}: {:?}", larder.log());
+    assert!(
+        larder.log().iter().any(|l| l.contains("larder stopped")),
+        "{:?}",
+        larder.log()
+    );
+}
+
+async fn scrape_map(admin: std::net::SocketAddr) -> HashMap<String, f64> {
+    let r = scrape(admin, &[]).await;
+    assert_eq!(r.status, 200);
+    parse_exposition(&r.text())
+}
+
+// Real requests move every result: stale (stale-while-revalidate), revalidated (a 304), pass
+// (an unsafe method), error (an origin timeout), and miss; origin requests, counted once each
+// (cache fetches, the background refresh, the pass), agree with the latency histogram.
+#[actix_web::test]
+async fn metrics_count_every_result_through_real_requests() {
+    let origin = TestOrigin::start().await;
+    for (path, cc) in [
+        ("/swr", "max-age=10, stale-while-revalidate=600"),
+        ("/rv", "max-age=10"),
+    ] {
+        origin.route(path, move |req, _| {
+            if req.header("if-none-match") == Some("\"m\"") {
+                Reply::status(304)
+                    .header("etag", "\"m\"")
+                    .header("cache-control", cc)
+            } else {
+                Reply::ok("body")
+                    .header("etag", "\"m\"")
+                    .header("cache-control", cc)
+            }
+        });
+    }
+    origin.fixed("/post", Reply::status(204));
+    origin.fixed("/late", Reply::ok("late").delay(Duration::from_secs(3)));
+    let proxy = TestProxy::start_with(&origin, "[origin]\nresponse_timeout = \"500ms\"\n").await;
+    let before = scrape_map(proxy.admin_addr).await;
+
+    get(&proxy.url("/swr"), HOST).await;
+    get(&proxy.url("/rv"), HOST).await;
+    proxy.advance(Duration::from_secs(30));
+    let stale = get(&proxy.url("/swr"), HOST).await;
+    assert!(stale.cache_status().contains("stale-while-revalidate"));
+    let rv = get(&proxy.url("/rv"), HOST).await;
+    assert_eq!(rv.cache_status(), "larder; fwd=stale; fwd-status=304");
+    let post = try_send("POST", &proxy.url("/post"), HOST, Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(post.status, 204);
+    assert_eq!(get(&proxy.url("/late"), HOST).await.status, 504);
+
+    // The background refresh is counted once its origin answer is in.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let m = scrape_map(proxy.admin_addr).await;
+        let fetches = m["larder_origin_fetches_total"] - before["larder_origin_fetches_total"];
+        if fetches >= 6.0 || Instant::now() > deadline {
+            break m;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    };
+    let moved = |s: &str| after[s] - before.get(s).copied().unwrap_or(0.0);
+    for (result, n) in [
+        ("hit", 0.0),
+        ("miss", 2.0),
+        ("stale", 1.0),
+        ("revalidated", 1.0),
+        ("pass", 1.0),
+        ("error", 1.0),
+    ] {
+        assert_eq!(
+            moved(&format!("larder_requests_total{{result=\"{result}\"}}")),
+            n,
+            "{result}"
+        );
+    }
+    assert_eq!(moved("larder_background_refreshes_total"), 1.0);
+    // 2 misses + 1 refresh + 1 revalidation + 1 pass + 1 timed-out fetch.
+    assert_eq!(moved("larder_origin_fetches_total"), 6.0);
+    assert_eq!(
+        moved("larder_origin_request_duration_seconds_count"),
+        moved("larder_origin_fetches_total"),
+        "every origin request is both counted and timed"
+    );
+}
+
+/// The body files under `dir`, recursively.
+fn body_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(body_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+// A body that fails its blake3 check is counted (and not served), and entries evicted to
+// stay under a small max_size are counted.
+#[actix_web::test]
+async fn metrics_count_integrity_failures_and_evictions() {
+    let origin = TestOrigin::start().await;
+    let big = |i: u8| Bytes::from(vec![b'a' + i; 300 << 10]);
+    for i in 0..6u8 {
+        origin.fixed(
+            &format!("/big/{i}"),
+            Reply::ok(big(i)).header("cache-control", "max-age=600"),
+        );
+    }
+    let toml = "[storage]\nmax_size = \"1MiB\"\nmax_object_size = \"1MiB\"\n";
+    let proxy = TestProxy::start_with(&origin, toml).await;
+    get(&proxy.url("/big/0"), HOST).await;
+    // Restart, so nothing of the body is held in memory, then flip one byte of its file.
+    let dir = proxy.stop().await;
+    let files = body_files(&dir.path().join("bodies"));
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    bytes[1000] ^= 0x01;
+    std::fs::write(&files[0], bytes).unwrap();
+    let proxy = TestProxy::start_in(&origin, toml, dir).await;
+    let damaged = try_send("GET", &proxy.url("/big/0"), HOST, Bytes::new()).await;
+    if let Ok(r) = &damaged {
+        assert!(r.body == big(0), "a damaged body was served");
+    }
+    let m = scrape_map(proxy.admin_addr).await;
+    assert_eq!(m["larder_store_damaged_bodies_total"], 1.0);
+
+    // 6 × 300 KiB against 1 MiB.
+    for i in 1..6 {
+        get(&proxy.url(&format!("/big/{i}")), HOST).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = scrape_map(proxy.admin_addr).await;
+        if m["larder_store_evictions_total"] >= 1.0 {
+            assert!(m["larder_store_usage_bytes"] <= (1 << 20) as f64, "{m:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no eviction counted: {m:?}");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Picks two free loopback ports (bound and released).
+fn two_ports() -> (std::net::SocketAddr, std::net::SocketAddr) {
+    let (p, a) = (
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    (p.local_addr().unwrap(), a.local_addr().unwrap())
+}
+
+/// Runs `larder serve --config` with `[log]` set to `log_toml` and `RUST_LOG` as given (or
+/// unset), makes one proxied request, stops it with SIGTERM, and returns its stderr.
+async fn log_of_one_request(log_toml: &str, rust_log: Option<&str>) -> String {
+    let origin = TestOrigin::start().await;
+    origin.fixed(
+        "/l?q=1",
+        Reply::ok("four").header("cache-control", "max-age=600"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin) = two_ports();
+    let config = dir.path().join("larder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{proxy}\"\n[origin]\nurl = \"{}\"\n[storage]\npath = \"{}\"\n\
+             [admin]\nlisten = \"{admin}\"\n[log]\n{log_toml}\n",
+            origin.url(),
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_larder"));
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    if let Some(v) = rust_log {
+        command.env("RUST_LOG", v);
+    }
+    let mut child = Reaper(command.spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(admin).is_err() {
+        assert!(Instant::now() < deadline, "larder did not start");
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = get(&format!("http://{proxy}/l?q=1"), HOST).await;
+    assert_eq!(r.text(), "four");
+    kill(child.0.id(), "TERM");
+    let status = wait_with_timeout(&mut child.0, Duration::from_secs(30));
+    assert!(status.success());
+    std::fs::read_to_string(&log_path).unwrap()
+}
+
+// `[log] format = "json"`: every line is a JSON object, and the access line carries its fields.
+#[actix_web::test]
+async fn json_log_lines_parse_with_the_access_fields() {
+    let log = log_of_one_request("format = \"json\"\nlevel = \"info\"", None).await;
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "larder ready"),
+        "{log}"
+    );
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "larder::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{log}");
+    let f = &access[0]["fields"];
+    assert_eq!(f["method"], "GET", "{f}");
+    assert_eq!(f["url"], "ops.example/l?q=1", "{f}");
+    assert_eq!(f["status"], 200, "{f}");
+    assert_eq!(f["result"], "miss", "{f}");
+    assert_eq!(f["bytes"], 4, "{f}");
+    assert!(
+        f["cache"].as_str().unwrap().starts_with("larder; fwd=miss"),
+        "{f}"
+    );
+    assert!(f["duration_ms"].as_f64().is_some(), "{f}");
+    assert_eq!(access[0]["level"], "INFO");
+}
+
+// RUST_LOG wins over `[log] level`, whichever way they differ.
+#[actix_web::test]
+async fn rust_log_overrides_the_configured_level() {
+    let raised = log_of_one_request("level = \"warn\"", Some("info")).await;
+    assert!(
+        raised.lines().any(|l| l.contains("larder::access")),
+        "RUST_LOG=info did not win over level = warn: {raised}"
+    );
+    let lowered = log_of_one_request("level = \"info\"", Some("warn")).await;
+    assert!(
+        !lowered
+            .lines()
+            .any(|l| l.contains("larder::access") || l.contains("larder ready")),
+        "RUST_LOG=warn did not win over level = info: {lowered}"
+    );
+    // Without RUST_LOG the file's level holds.
+    let from_file = log_of_one_request("level = \"warn\"", None).await;
+    assert!(!from_file.contains("larder::access"), "{from_file}");
+}
+
+// The README's metrics table names every metric /metrics exports.
+#[actix_web::test]
+async fn readme_lists_every_exported_metric() {
+    let origin = TestOrigin::start().await;
+    let proxy = TestProxy::start(&origin).await;
+    let text = scrape(proxy.admin_addr, &[]).await.text();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(names.len() >= 16, "{names:?}");
+    for name in names {
+        assert!(readme.contains(&format!("`{name}")), "README lacks {name}");
+    }
+}
+
+// Socket activation (systemd/larder.socket): with LISTEN_PID/LISTEN_FDS set as systemd sets
+// them, Larder serves on the sockets it was handed and binds nothing itself (the configured
+// addresses are held by this test, so a bind would fail).
+#[actix_web::test]
+async fn socket_activation_serves_on_the_passed_listeners() {
+    let origin = TestOrigin::start().await;
+    origin.fixed(
+        "/sa",
+        Reply::ok("activated").header("cache-control", "max-age=600"),
+    );
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (proxy_addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
+    let (taken_a, taken_b) = (
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    // The shell moves the two listeners (its stdin and stdout) to fds 3 and 4, then becomes
+    // larder, keeping its pid: what systemd does between fork and exec.
+    let script = format!(
+        "exec 3<&0 4>&1 0</dev/null 1>/dev/null; \
+         export LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=larder.socket:larder.socket; \
+         exec '{}' serve --origin '{}' --data-dir '{}' --listen {} --admin-listen {}",
+        env!("CARGO_BIN_EXE_larder"),
+        origin.url(),
+        dir.path().join("data").display(),
+        taken_a.local_addr().unwrap(),
+        taken_b.local_addr().unwrap(),
+    );
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(proxy)))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(admin)))
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = Reaper(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        if log.contains("larder ready") {
+            assert!(
+                log.contains(&format!("proxy={proxy_addr}"))
+                    && log.contains(&format!("admin={admin_addr}")),
+                "{log}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && child.0.try_wait().unwrap().is_none(),
+            "not ready on the passed sockets: {log}"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = get(&format!("http://{proxy_addr}/sa"), HOST).await;
+    assert_eq!(r.text(), "activated");
+    let health = get(&format!("http://{admin_addr}/healthz"), &[]).await;
+    assert_eq!(health.status, 200);
+    kill(child.0.id(), "TERM");
+    let status = wait_with_timeout(&mut child.0, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    drop((taken_a, taken_b));
 }

@@ -634,3 +634,512 @@ async fn forwarded_response_keeps_upstream_age() {
         Some("77")
     );
 }
+
+// ---- Raw-socket origins, for what an actix origin cannot be made to do (stall, cut chunked
+// framing, send hop-by-hop fields) and for watching a request body arrive.
+
+/// Accepts up to `max` connections on 127.0.0.1:0, each handled on its own thread by `serve`,
+/// which gets the stream and the request head (everything up to the blank line). Returns the
+/// address and a counter of the connections accepted.
+fn raw_origin(
+    max: usize,
+    serve: impl Fn(std::net::TcpStream, String) + Send + Sync + 'static,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let serve = std::sync::Arc::new(serve);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(max) {
+            let Ok(mut stream) = stream else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            let serve = serve.clone();
+            std::thread::spawn(move || {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                serve(stream, String::from_utf8_lossy(&head).into_owned());
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Larder (in-process, port 0, temp dir) in front of an origin at `addr`; stops when dropped
+/// with the test's actix system.
+struct RawProxy {
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn proxy_for(addr: std::net::SocketAddr, extra_toml: &str) -> RawProxy {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(&format!("http://{addr}"), dir.path(), extra_toml);
+    let clock = std::sync::Arc::new(larder::clock::SystemClock);
+    let larder = larder::server::Larder::start(&config, clock).expect("larder starts");
+    let addr = larder.proxy_addr();
+    actix_web::rt::spawn(larder.run());
+    RawProxy { addr, _dir: dir }
+}
+
+/// Sends `request` on a new connection to `addr` (blocking; call from spawn_blocking).
+fn raw_request(addr: std::net::SocketAddr, request: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s
+}
+
+/// Reads a raw HTTP/1.1 response to EOF (or a reset, or `limit`), with the time it took.
+fn read_all(stream: &mut std::net::TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return (out, started.elapsed()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// True if the raw response's head has a field `name` (case-insensitive).
+fn has_field(raw: &str, name: &str) -> bool {
+    let head = raw.split("\r\n\r\n").next().unwrap_or("");
+    head.lines()
+        .skip(1)
+        .any(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
+}
+
+// An origin that sends part of a body and then goes quiet: the client is cut off within
+// [origin] body_timeout (it never hangs), and the partial body is not stored. Both framings.
+#[actix_web::test]
+async fn body_stalled_mid_way_cuts_the_client_and_stores_nothing() {
+    for chunked in [false, true] {
+        let (origin, accepted) = raw_origin(4, move |mut s, _head| {
+            use std::io::Write;
+            let part = "x".repeat(400);
+            let head = if chunked {
+                format!(
+                    "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{part}\r\n",
+                    part.len()
+                )
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 1000\r\n\r\n{part}"
+                )
+            };
+            let _ = s.write_all(head.as_bytes());
+            // Stall far longer than the body timeout below, then give up.
+            std::thread::sleep(Duration::from_secs(6));
+        });
+        let proxy = proxy_for(origin, "[origin]\nbody_timeout = \"300ms\"\n");
+        let addr = proxy.addr;
+        let (raw, took) = tokio::task::spawn_blocking(move || {
+            let mut s = raw_request(
+                addr,
+                "GET /stall HTTP/1.1\r\nHost: stall.example\r\nConnection: close\r\n\r\n",
+            );
+            read_all(&mut s, Duration::from_secs(8))
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "chunked={chunked}: {text}"
+        );
+        assert!(
+            took < Duration::from_secs(4),
+            "chunked={chunked}: the client waited {took:?} for a stalled origin"
+        );
+        let body = crate::ops::body_of(&raw);
+        assert!(
+            body.as_ref().is_none_or(|b| b.len() < 1000),
+            "chunked={chunked}: a stalled body looked complete: {text}"
+        );
+        // Not stored: the next request goes to the origin again.
+        let (raw, _) = tokio::task::spawn_blocking(move || {
+            let mut s = raw_request(
+                addr,
+                "GET /stall HTTP/1.1\r\nHost: stall.example\r\nConnection: close\r\n\r\n",
+            );
+            read_all(&mut s, Duration::from_secs(8))
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        assert!(!text.contains("larder; hit"), "chunked={chunked}: {text}");
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "chunked={chunked}"
+        );
+    }
+}
+
+// A chunked body the origin cuts off (no last-chunk) is not stored, and the client's chunked
+// framing is cut too, so it cannot mistake the part for the whole (RFC 9112 §7.1).
+#[actix_web::test]
+async fn cut_chunked_body_is_not_stored() {
+    let (origin, accepted) = raw_origin(4, |mut s, _| {
+        use std::io::Write;
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n",
+        );
+        // Closing here, without "0\r\n\r\n", cuts the body.
+    });
+    let proxy = proxy_for(origin, "");
+    let addr = proxy.addr;
+    let fetch = move || {
+        let mut s = raw_request(
+            addr,
+            "GET /cut HTTP/1.1\r\nHost: cut.example\r\nConnection: close\r\n\r\n",
+        );
+        read_all(&mut s, Duration::from_secs(8)).0
+    };
+    let first = tokio::task::spawn_blocking(fetch).await.unwrap();
+    let text = String::from_utf8_lossy(&first).into_owned();
+    // The cut may come before the head left the proxy (then the connection just closes);
+    // what must never happen is a clean end.
+    if !text.is_empty() {
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            has_field(&text, "transfer-encoding"),
+            "unknown length stays chunked: {text}"
+        );
+        assert_eq!(
+            crate::ops::body_of(&first),
+            None,
+            "the client saw a clean end of a cut body: {text}"
+        );
+    }
+    let second = tokio::task::spawn_blocking(fetch).await.unwrap();
+    let text = String::from_utf8_lossy(&second);
+    assert!(
+        !text.contains("larder; hit"),
+        "a cut chunked body was stored: {text}"
+    );
+    // Not stored: the second request went to the origin too.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+// RFC 9110 §7.6.1: hop-by-hop fields of the origin's response (Connection and the fields it
+// names, Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade) and, since Larder does no proxy
+// authentication, Proxy-Authenticate (§11.7.1) are neither relayed nor stored.
+#[actix_web::test]
+async fn hop_by_hop_response_fields_are_removed() {
+    let (origin, accepted) = raw_origin(4, |mut s, _| {
+        use std::io::Write;
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 2\r\n\
+              Connection: close, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n\
+              Proxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-Sum\r\nUpgrade: h2c\r\n\
+              Proxy-Authenticate: Basic realm=\"origin\"\r\nX-End: kept\r\n\r\nok",
+        );
+    });
+    let proxy = proxy_for(origin, "");
+    let addr = proxy.addr;
+    let fetch = move || {
+        let mut s = raw_request(
+            addr,
+            "GET /hop HTTP/1.1\r\nHost: hop.example\r\nConnection: close\r\n\r\n",
+        );
+        String::from_utf8_lossy(&read_all(&mut s, Duration::from_secs(8)).0).into_owned()
+    };
+    let miss = tokio::task::spawn_blocking(fetch).await.unwrap();
+    let hit = tokio::task::spawn_blocking(fetch).await.unwrap();
+    assert!(miss.contains("fwd=miss"), "{miss}");
+    assert!(hit.contains("larder; hit"), "{hit}");
+    for (which, raw) in [("miss", &miss), ("hit", &hit)] {
+        assert!(raw.ends_with("\r\n\r\nok"), "{which}: {raw}");
+        assert!(
+            has_field(raw, "x-end"),
+            "{which}: end-to-end field lost: {raw}"
+        );
+        for name in [
+            "x-hop",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+            "proxy-authenticate",
+        ] {
+            assert!(!has_field(raw, name), "{which}: {name} relayed: {raw}");
+        }
+        // Ours, for the client's own `Connection: close`; never the origin's option list.
+        assert!(
+            !raw.to_ascii_lowercase().contains("x-hop"),
+            "{which}: {raw}"
+        );
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+// RFC 9110 §7.6.3: Via is appended to, never replaced; so is X-Forwarded-For (its de-facto
+// rule), for cache fetches and passes alike.
+#[actix_web::test]
+async fn existing_forwarding_fields_are_appended_to() {
+    let origin = TestOrigin::start().await;
+    origin.fixed(
+        "/xff",
+        Reply::ok("ok").header("cache-control", "max-age=600"),
+    );
+    let proxy = TestProxy::start(&origin).await;
+    let fields = [("x-forwarded-for", "192.0.2.7"), ("via", "1.0 edge")];
+    get(&proxy.url("/xff"), &fields).await;
+    try_send(
+        "POST",
+        &proxy.url("/xff"),
+        &fields,
+        Bytes::from_static(b"p"),
+    )
+    .await
+    .unwrap();
+    let seen = origin.seen("/xff");
+    assert_eq!(seen.len(), 2);
+    for (req, method) in seen.iter().zip(["GET", "POST"]) {
+        assert_eq!(req.method, method);
+        assert_eq!(
+            req.header("x-forwarded-for"),
+            Some("192.0.2.7, 127.0.0.1"),
+            "{method}"
+        );
+        assert_eq!(req.header("via"), Some("1.0 edge, 1.1 larder"), "{method}");
+    }
+}
+
+// A HEAD for an unstored URL bypasses the cache: it is labelled `fwd=request` (RFC 9211 §2.2,
+// "the request itself"), counted as a pass, and stores nothing.
+#[actix_web::test]
+async fn head_miss_is_a_pass_labelled_fwd_request() {
+    let origin = TestOrigin::start().await;
+    origin.fixed(
+        "/hm",
+        Reply::ok("0123456789").header("cache-control", "max-age=600"),
+    );
+    let proxy = TestProxy::start(&origin).await;
+    let metrics = |admin| async move {
+        let text = get(&format!("http://{admin}/metrics"), &[]).await.text();
+        crate::ops::parse_exposition(&text)
+    };
+    let before = metrics(proxy.admin_addr).await;
+    let head = send("HEAD", &proxy.url("/hm"), &[]).await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.cache_status(), "larder; fwd=request; fwd-status=200");
+    let after = metrics(proxy.admin_addr).await;
+    let moved = |s: &str| after[s] - before.get(s).copied().unwrap_or(0.0);
+    assert_eq!(moved("larder_requests_total{result=\"pass\"}"), 1.0);
+    assert_eq!(moved("larder_requests_total{result=\"miss\"}"), 0.0);
+    assert_eq!(moved("larder_origin_fetches_total"), 1.0);
+    // Nothing stored: the GET after it is a miss.
+    let r = get(&proxy.url("/hm"), &[]).await;
+    assert_eq!(r.cache_status(), "larder; fwd=miss; fwd-status=200; stored");
+    assert_eq!(origin.hits("/hm"), 2);
+}
+
+// An origin that cannot be connected to within [origin] connect_timeout answers 502 like a
+// refused connection (RFC 9110 §15.6.3), quickly, not the response timeout's 504.
+#[actix_web::test]
+async fn connect_timeout_is_502() {
+    // A listener that never accepts: once its accept queue is full the kernel drops further
+    // SYNs, so a new connection neither succeeds nor fails until the connector gives up.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::task::spawn_blocking(move || {
+        let mut held = Vec::new();
+        for _ in 0..2000 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => held.push(s),
+                Err(_) => return held,
+            }
+        }
+        panic!("the accept queue never filled");
+    })
+    .await
+    .unwrap();
+    let proxy = proxy_for(
+        addr,
+        "[origin]\nconnect_timeout = \"300ms\"\nresponse_timeout = \"20s\"\n",
+    );
+    let started = std::time::Instant::now();
+    let r = get(&format!("http://{}/ct", proxy.addr), &[]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.cache_status().contains("detail=origin-unreachable"),
+        "{}",
+        r.cache_status()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop((held, listener));
+}
+
+/// An origin that reads a chunked request body as it arrives into `got`, then answers 201
+/// (or, with `answer` false, never answers).
+fn upload_origin(
+    got: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    answer: bool,
+) -> std::net::SocketAddr {
+    raw_origin(2, move |mut s, head| {
+        use std::io::{Read, Write};
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "the upload reached the origin unchunked: {head}"
+        );
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let mut all = got.lock().unwrap();
+                    all.extend_from_slice(&buf[..n]);
+                    if all.ends_with(b"0\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+        if answer {
+            let _ = s.write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok");
+        } else {
+            std::thread::sleep(Duration::from_secs(6));
+        }
+    })
+    .0
+}
+
+/// The data of a chunked body as far as it has arrived.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+        let Ok(size) = usize::from_str_radix(std::str::from_utf8(&raw[..eol]).unwrap_or("x"), 16)
+        else {
+            break;
+        };
+        let data = &raw[eol + 2..];
+        let take = size.min(data.len());
+        out.extend_from_slice(&data[..take]);
+        if size == 0 || data.len() < size + 2 {
+            break;
+        }
+        raw = &data[size + 2..];
+    }
+    out
+}
+
+/// Upload parts big enough to pass awc's 8 KiB write buffer, which holds smaller pieces
+/// until it fills or the body ends (so a request body streams in pieces of at least that).
+fn upload_parts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("part-{i};{}", "u".repeat(9000)))
+        .collect()
+}
+
+/// Sends a chunked PUT of `parts`, `gap` apart; before the second part, waits until the origin
+/// has the first (so the body is streamed, not buffered until its end).
+fn slow_upload(
+    proxy: std::net::SocketAddr,
+    parts: &[String],
+    gap: Duration,
+    got: &std::sync::Mutex<Vec<u8>>,
+) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = raw_request(
+        proxy,
+        "PUT /up HTTP/1.1\r\nHost: up.example\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    );
+    for (i, part) in parts.iter().enumerate() {
+        write!(s, "{:x}\r\n{part}\r\n", part.len()).unwrap();
+        if i == 0 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !String::from_utf8_lossy(&dechunk(&got.lock().unwrap())).contains(part) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the first chunk did not reach the origin before the upload ended"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        std::thread::sleep(gap);
+    }
+    s.write_all(b"0\r\n\r\n").unwrap();
+    s
+}
+
+// A chunked upload is streamed to the origin as it arrives, and an upload that takes longer
+// than [origin] response_timeout to a healthy origin is not cut: the timeout counts from the
+// request's last progress, not from its start.
+#[actix_web::test]
+async fn slow_chunked_upload_is_streamed_and_not_timed_out() {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let origin = upload_origin(got.clone(), true);
+    let proxy = proxy_for(origin, "[origin]\nresponse_timeout = \"1s\"\n");
+    let addr = proxy.addr;
+    let parts = upload_parts(5);
+    let sent = parts.clone();
+    let seen = got.clone();
+    let (raw, took) = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let mut s = slow_upload(addr, &sent, Duration::from_millis(350), &seen);
+        let (raw, _) = read_all(&mut s, Duration::from_secs(10));
+        (raw, started.elapsed())
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        took > Duration::from_millis(1500),
+        "the upload was meant to outlast response_timeout: {took:?}"
+    );
+    assert!(text.starts_with("HTTP/1.1 201"), "{text}");
+    assert!(text.ends_with("ok"), "{text}");
+    let received = String::from_utf8_lossy(&dechunk(&got.lock().unwrap())).into_owned();
+    assert!(received == parts.concat(), "the origin got another body");
+}
+
+// After the upload is complete, response_timeout still bounds the wait for the answer: 504.
+#[actix_web::test]
+async fn response_timeout_still_applies_after_an_upload() {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let origin = upload_origin(got.clone(), false);
+    let proxy = proxy_for(origin, "[origin]\nresponse_timeout = \"500ms\"\n");
+    let addr = proxy.addr;
+    let seen = got.clone();
+    let (raw, after_upload) = tokio::task::spawn_blocking(move || {
+        let mut s = slow_upload(addr, &upload_parts(2), Duration::from_millis(100), &seen);
+        let sent = std::time::Instant::now();
+        let (raw, _) = read_all(&mut s, Duration::from_secs(10));
+        (raw, sent.elapsed())
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(
+        after_upload < Duration::from_secs(3),
+        "answered {after_upload:?} after the upload"
+    );
+}
