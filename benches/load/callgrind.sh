@@ -2,6 +2,8 @@
 # Counts the instructions Larder spends per cache hit with valgrind's callgrind, which counts
 # instructions rather than time, so the figure is repeatable on a busy machine:
 #   benches/load/callgrind.sh               # 1k hits; SIZE=16k, REQUESTS=2000, PORT_BASE
+#   MISS=1 benches/load/callgrind.sh        # misses instead: every request a new URL, stored
+#   LARDER_BIN=/path/to/larder BUILD=0 ...   # count another build (e.g. an older commit)
 # Runs Larder (release build) under callgrind in front of an nginx origin, warms the object,
 # counts only while REQUESTS hits are sent one by one over a keep-alive connection, dumps the
 # counters, and prints instructions per hit and the top functions by inclusive cost.
@@ -37,7 +39,7 @@ render "$HERE/origin.nginx.conf" "$TMP/origin/nginx.conf"
 render "$HERE/larder.toml" "$TMP/larder/larder.toml"
 nginx -p "$TMP/origin" -e "$TMP/origin/error.log" -c "$TMP/origin/nginx.conf" & PIDS+=($!)
 valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.out" --instr-atstart=no \
-    "$ROOT/target/release/larder" serve --config "$TMP/larder/larder.toml" > "$TMP/larder/out.log" 2>&1 &
+    "${LARDER_BIN:-$ROOT/target/release/larder}" serve --config "$TMP/larder/larder.toml" > "$TMP/larder/out.log" 2>&1 &
 LARDER_PID=$!; PIDS+=($LARDER_PID)
 for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:$LARDER_ADMIN_PORT/healthz" && break; sleep 0.1; done
 for _ in $(seq 50); do
@@ -49,7 +51,11 @@ done
 hits() { # n
     local cfg=$TMP/urls.cfg
     : > "$cfg"
-    for _ in $(seq "$1"); do printf 'url = "http://127.0.0.1:%s/%s"\noutput = /dev/null\n' "$LARDER_PORT" "$SIZE" >> "$cfg"; done
+    for i in $(seq "$1"); do
+        local q=""
+        [[ ${MISS:-0} == 1 ]] && q="?$RANDOM-$RANDOM-$i"
+        printf 'url = "http://127.0.0.1:%s/%s%s"\noutput = /dev/null\n' "$LARDER_PORT" "$SIZE" "$q" >> "$cfg"
+    done
     curl -s -K "$cfg" -w '%{http_code}\n' | grep -c '^200$'
 }
 hits 200 > /dev/null
@@ -61,6 +67,6 @@ sleep 1
 out=$(ls -t "$TMP"/cg.out* | head -1)
 total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(/,/,"",$1); t = $1} END {print t}')
 echo "requests counted: $served (size $SIZE)"
-echo "instructions: $total total, $(( total / served )) per hit"
+echo "instructions: $total total, $(( total / served )) per $([[ ${MISS:-0} == 1 ]] && echo miss || echo hit)"
 echo "== top functions by inclusive instructions =="
 callgrind_annotate --inclusive=yes "$out" 2>/dev/null | grep -E "^ *[0-9,]+ " | sed -n "1,${TOP:-40}p"
