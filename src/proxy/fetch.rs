@@ -288,7 +288,7 @@ async fn lead_answer(
                 drop(reader);
                 return Some(pass(ctx, state, upstream, None, fwd).await);
             }
-            Some(from_head(ctx, &head, head.cache_status.clone(), reader))
+            Some(from_head(ctx, &head, head.cache_status.clone(), reader).await)
         }
     }
 }
@@ -361,12 +361,7 @@ async fn wait_answer(
             {
                 return Turn::Done(resp);
             }
-            Turn::Done(from_head(
-                ctx,
-                &head,
-                head.cache_status.clone().collapsed(),
-                reader,
-            ))
+            Turn::Done(from_head(ctx, &head, head.cache_status.clone().collapsed(), reader).await)
         }
     }
 }
@@ -422,12 +417,15 @@ async fn from_revalidated(
 
 /// This client's response from a published head, its body read from the flight as it arrives
 /// (a Range request gets its ranges cut from it, RFC 9110 §14.2).
-fn from_head(
+async fn from_head(
     ctx: &RequestCtx,
     head: &SharedHead,
     cache_status: CacheStatus,
-    reader: Reader,
+    mut reader: Reader,
 ) -> HttpResponse {
+    if !ctx.is_head {
+        reader.wait_for_data().await;
+    }
     let body = reader.into_stream().boxed();
     let builder = respond::from_origin_head(head.status, &head.headers, &cache_status);
     if let Some(reply) = range::select(ctx, head.status, &head.headers, head.content_length) {

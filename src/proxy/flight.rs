@@ -587,6 +587,27 @@ impl Reader {
         }
     }
 
+    /// Waits until the next chunk (or the end) is there, without taking it. Sending the head
+    /// together with the first bytes keeps them in one TCP segment: a head sent alone and the
+    /// body a moment later can wait out the client's delayed ACK (Nagle), 40 ms on Linux.
+    pub(crate) async fn wait_for_data(&mut self) {
+        loop {
+            self.rx.borrow_and_update();
+            {
+                let state = lock(&self.flight.state);
+                let have = self.next < state.base
+                    || self.next - state.base < state.chunks.len()
+                    || state.end.is_some();
+                if have {
+                    return;
+                }
+            }
+            if self.rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// The body from this reader's position, as it arrives.
     pub(crate) fn into_stream(self) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
         futures_util::stream::unfold(self, |mut reader| async move {
