@@ -878,3 +878,29 @@ async fn must_revalidate_is_never_served_stale() {
         "every request must have asked the origin"
     );
 }
+
+// Surrogate-Control's `max-age=N+M` (W3C Edge Architecture) grants M seconds of serving stale
+// when the origin fails, like stale-if-error.
+#[actix_web::test]
+async fn surrogate_control_grace_serves_stale_on_error() {
+    let origin = TestOrigin::start().await;
+    origin.route("/sc", |_, n| {
+        if n == 1 {
+            Reply::ok("graced").header("surrogate-control", "max-age=10+600")
+        } else {
+            Reply::status(503)
+        }
+    });
+    let proxy = TestProxy::start(&origin).await;
+    get(&proxy.url("/sc"), &[]).await;
+    proxy.advance(Duration::from_secs(60));
+    let got = get(&proxy.url("/sc"), &[]).await;
+    assert_eq!((got.status, got.text().as_str()), (200, "graced"));
+    assert!(
+        got.cache_status().contains("detail=stale-if-error"),
+        "{}",
+        got.cache_status()
+    );
+    proxy.advance(Duration::from_secs(600));
+    assert_eq!(get(&proxy.url("/sc"), &[]).await.status, 503);
+}
