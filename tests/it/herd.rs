@@ -175,7 +175,7 @@ async fn leader_client_disconnect_does_not_hurt_waiters() {
 }
 
 // A leader whose origin times out does not leave waiters hanging: all get 504 within the
-// response timeout (plus slack).
+// response timeout (plus slack), and the URL is not left wedged.
 #[actix_web::test]
 async fn waiters_of_a_failed_fetch_get_the_error_in_bounded_time() {
     let origin = TestOrigin::start().await;
@@ -193,6 +193,11 @@ async fn waiters_of_a_failed_fetch_get_the_error_in_bounded_time() {
         1,
         "the herd should have shared the failing fetch"
     );
+    // The failed flight is over (its lead task's guard detached it): the next request asks the
+    // origin again instead of being handed the old failure.
+    origin.fixed("/hang", Reply::ok("back"));
+    assert_eq!(get(&proxy.url("/hang"), &[]).await.text(), "back");
+    assert_eq!(origin.hits("/hang"), 2);
 }
 
 // RFC 5861 §3: inside stale-while-revalidate, concurrent stale requests are all answered at

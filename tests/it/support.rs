@@ -101,6 +101,8 @@ type Script = Arc<dyn Fn(&Seen, usize) -> Reply + Send + Sync>;
 
 struct OriginState {
     routes: Mutex<HashMap<String, Script>>,
+    /// Set by `stop`: a request still arriving on an open keep-alive connection is dropped.
+    stopped: std::sync::atomic::AtomicBool,
     seen: Mutex<Vec<Seen>>,
     clock: Arc<ManualClock>,
 }
@@ -122,6 +124,7 @@ impl TestOrigin {
         let clock = Arc::new(ManualClock::new(SystemTime::now()));
         let state = Arc::new(OriginState {
             routes: Mutex::default(),
+            stopped: Default::default(),
             seen: Mutex::default(),
             clock: clock.clone(),
         });
@@ -192,6 +195,11 @@ impl TestOrigin {
     }
 
     pub async fn stop(&self) {
+        // Workers may still serve a pooled connection for a moment after the listener closes;
+        // those requests get their connection dropped, as from a dead origin.
+        self.state
+            .stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.handle.stop(false).await;
     }
 }
@@ -201,6 +209,12 @@ async fn origin_handler(
     body: web::Bytes,
     state: web::Data<OriginState>,
 ) -> HttpResponse {
+    if state.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+        // A body that fails at once makes actix close the connection without a response.
+        return HttpResponse::Ok().streaming(stream::once(async {
+            Err::<Bytes, _>(std::io::Error::other("origin stopped"))
+        }));
+    }
     let path = req
         .uri()
         .path_and_query()
