@@ -37,6 +37,10 @@ pub(crate) const STREAM_WINDOW: u64 = 1 << 20;
 /// fetch (the store's copy and every other client) hostage.
 const READER_STALL_LIMIT: Duration = Duration::from_secs(30);
 
+/// Longest a response head waits for the first body bytes to go out with it (see
+/// [`Reader::wait_for_data`]); below the 40 ms a delayed ACK would cost.
+const FIRST_BYTES_WAIT: Duration = Duration::from_millis(25);
+
 /// Most marks each memory (uncacheable, range-forward, Vary) keeps at once.
 const MAX_MARKS: usize = 10_000;
 
@@ -587,10 +591,16 @@ impl Reader {
         }
     }
 
-    /// Waits until the next chunk (or the end) is there, without taking it. Sending the head
-    /// together with the first bytes keeps them in one TCP segment: a head sent alone and the
-    /// body a moment later can wait out the client's delayed ACK (Nagle), 40 ms on Linux.
+    /// Waits until the next chunk (or the end) is there, without taking it, for at most
+    /// [`FIRST_BYTES_WAIT`]. Sending the head together with the first bytes keeps them in one
+    /// TCP segment: a head sent alone and the body a moment later can wait out the client's
+    /// delayed ACK (Nagle), 40 ms on Linux. The bound keeps a body that stalls (or fails) from
+    /// holding back the head: the client still sees the status before any cut.
     pub(crate) async fn wait_for_data(&mut self) {
+        let _ = tokio::time::timeout(FIRST_BYTES_WAIT, self.data_ready()).await;
+    }
+
+    async fn data_ready(&mut self) {
         loop {
             self.rx.borrow_and_update();
             {
