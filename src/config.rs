@@ -98,6 +98,7 @@ pub struct RawCache {
     pub normalize_accept_language: Option<bool>,
     pub share_set_cookie: Option<bool>,
     pub coalesce_timeout: Option<String>,
+    pub coalesce_leader_timeout: Option<String>,
     pub coalesce_max_body: Option<String>,
     pub coalesce_memory: Option<String>,
     pub remember_uncacheable: Option<String>,
@@ -150,6 +151,10 @@ pub struct Config {
 pub struct CoalesceConfig {
     /// Longest a request waits for another request's fetch before fetching on its own.
     pub timeout: Duration,
+    /// Longest a cache fetch (the one the waiters share) waits for the origin's response head;
+    /// past it the fetch fails with 504 (or stale-if-error). Defaults to the origin's
+    /// `response_timeout`.
+    pub leader_timeout: Duration,
     /// Largest body shared with waiting requests through memory.
     pub max_body: u64,
     /// Bound on the memory of all shared bodies together.
@@ -392,6 +397,19 @@ impl Config {
         let coalescing = CoalesceConfig {
             timeout: duration_or(&c.coalesce_timeout, "30s")
                 .map_err(|m| bad("cache.coalesce_timeout", m))?,
+            leader_timeout: match &c.coalesce_leader_timeout {
+                Some(s) => match parse_duration(s) {
+                    Ok(d) if d.is_zero() => {
+                        return Err(bad(
+                            "cache.coalesce_leader_timeout",
+                            "must be more than 0 (every fetch would fail)".into(),
+                        ));
+                    }
+                    Ok(d) => d,
+                    Err(m) => return Err(bad("cache.coalesce_leader_timeout", m)),
+                },
+                None => origin.response_timeout,
+            },
             max_body: match &c.coalesce_max_body {
                 Some(s) => parse_bytes(s).map_err(|m| bad("cache.coalesce_max_body", m))?,
                 None => 64 << 20,
@@ -585,6 +603,16 @@ mod tests {
     }
 
     #[test]
+    fn leader_timeout_defaults_to_the_origin_response_timeout() {
+        let raw = RawConfig::parse("[origin]\nresponse_timeout = \"7s\"\n").unwrap();
+        let cfg = Config::from_raw(raw, &with_origin(), None).unwrap();
+        assert_eq!(cfg.coalescing.leader_timeout, Duration::from_secs(7));
+        let raw = RawConfig::parse("[cache]\ncoalesce_leader_timeout = \"250ms\"\n").unwrap();
+        let cfg = Config::from_raw(raw, &with_origin(), None).unwrap();
+        assert_eq!(cfg.coalescing.leader_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let raw = RawConfig::parse("[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
         let o = Overrides {
@@ -621,6 +649,10 @@ mod tests {
             (
                 "[cache]\nheuristic_percent = 500",
                 "cache.heuristic_percent",
+            ),
+            (
+                "[cache]\ncoalesce_leader_timeout = \"0s\"",
+                "cache.coalesce_leader_timeout",
             ),
         ];
         for (text, key) in cases {

@@ -203,12 +203,7 @@ impl Larder {
         let proxy_addr = local(&proxy_listener, "proxy", config.listen)?;
         let admin_addr = local(&admin_listener, "admin", config.admin.listen)?;
 
-        let flights = Arc::new(Flights::new(
-            config.coalescing.remember_uncacheable,
-            config.coalescing.timeout,
-            config.coalescing.max_body,
-            config.coalescing.total_memory,
-        ));
+        let flights = Arc::new(Flights::new(&config.coalescing));
         let metrics = Arc::new(Metrics::new());
         let state = web::Data::new(ProxyState {
             store: store.clone(),

@@ -1,20 +1,20 @@
 //! Everything that goes to the origin: pass-through, the single-flight cache fetch (miss, revalidation, background refresh), the tee into the store, invalidation.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use actix_web::body::{BodyStream, None as NoBody, SizedStream};
 use actix_web::{HttpResponse, HttpResponseBuilder, web};
 use bytes::Bytes;
-use futures_util::stream::{self, BoxStream, StreamExt};
+use futures_util::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 
-use super::flight::{Flight, Outcome, SharedHead};
+use super::flight::{Flight, FlightKey, LeadGuard, Outcome, Reader, Share, SharedHead};
 use super::range;
 use super::respond::{self, CacheStatus};
 use super::{ProxyState, RequestCtx, select_variant};
 use crate::key::{PrimaryKey, VariantKey};
-use crate::policy::{self, HeaderList, Storable, Vary};
+use crate::policy::{self, HeaderList, Lookup, Storable, Vary};
 use crate::store::{BodyInfo, BodyWriter, Entry, StoreError};
 use crate::upstream::{Upstream, UpstreamBody, UpstreamError, UpstreamResponse};
 
@@ -95,8 +95,28 @@ pub(crate) async fn pass(
     )
 }
 
+/// How many flights one request may try (its variant's, after a leader's answer turned out to
+/// be for another variant or not for sharing) before it fetches on its own.
+const MAX_JOINS: usize = 3;
+
+/// Added to the leader timeout for the leader's own wait for its fetch's head. The lead task
+/// always publishes something (its guard does, at the latest); this only bounds the wait.
+const LEADER_WAIT_SLACK: Duration = Duration::from_secs(5);
+
+/// What a request that joined someone else's flight does next.
+enum Turn {
+    /// Answered from the shared fetch (or the store it filled).
+    Done(HttpResponse),
+    /// Not for this request: try the flight for its own variant (now known).
+    Rejoin,
+    /// The answer may not be shared: fetch on our own.
+    Uncacheable,
+    /// Waited too long, or the shared fetch failed mid-way: fetch on our own.
+    Alone,
+}
+
 /// A cache fetch for this request (a miss, or a revalidation of `stale`): joins the fetch
-/// already running for this URL or leads a new one, then answers from its outcome.
+/// already running for this variant or leads a new one, then answers from its outcome.
 pub(crate) async fn fetch_for_cache(
     ctx: &RequestCtx,
     state: &web::Data<ProxyState>,
@@ -105,56 +125,85 @@ pub(crate) async fn fetch_for_cache(
     stale: Option<(VariantKey, Entry)>,
     fwd: &str,
 ) -> HttpResponse {
-    // A URL that just answered uncacheable is fetched per request (hit-for-miss), so its next
-    // herd is not queued behind one fetch.
-    if state.flights.recently_uncacheable(&primary, ctx.now) {
-        return fetch_alone(ctx, state, upstream, primary, stale, fwd).await;
+    let range_miss = stale.is_none() && ctx.method == "GET" && ctx.headers.contains("range");
+    for _ in 0..MAX_JOINS {
+        let uncacheable = state.flights.recently_uncacheable(&primary, ctx.now);
+        // A Range miss on a URL known not to be filled for it (uncacheable, or too large):
+        // forward the Range as sent, one origin request, nothing stored.
+        if range_miss && (uncacheable || state.flights.range_forward(&primary, ctx.now)) {
+            return pass(ctx, state, upstream, None, fwd).await;
+        }
+        // A URL that just answered uncacheable is fetched per request (hit-for-miss), so its
+        // next herd is not queued behind one fetch.
+        if uncacheable {
+            break;
+        }
+        let (flight, leader) = state
+            .flights
+            .join(flight_key(ctx, state, &primary, stale.as_ref()));
+        if leader {
+            let reader = flight.reader();
+            start_lead(
+                flight.clone(),
+                ctx,
+                state,
+                upstream,
+                primary.clone(),
+                stale.clone(),
+                fwd,
+            );
+            let outcome = leader_outcome(state, &flight).await;
+            if let Some(resp) =
+                lead_answer(ctx, state, upstream, outcome, reader, stale.as_ref(), fwd).await
+            {
+                return resp;
+            }
+            // (The entry a 304 freshened is gone again: fetch it whole.)
+            return fetch_alone(ctx, state, upstream, primary, None, fwd).await;
+        }
+        let turn = match flight.reader() {
+            Some(reader) => match flight.outcome(state.flights.wait_timeout).await {
+                Some(outcome) => {
+                    wait_answer(ctx, state, outcome, reader, stale.as_ref(), fwd).await
+                }
+                // The leader's origin is too slow: stop waiting and ask on our own.
+                None => Turn::Alone,
+            },
+            // Joined too late to read the body from its first byte: wait for the store.
+            None => after_store(ctx, state, &flight, &primary).await,
+        };
+        match turn {
+            Turn::Done(resp) => {
+                state.metrics.coalesced_waits.inc();
+                return resp;
+            }
+            Turn::Rejoin => continue,
+            Turn::Uncacheable if range_miss => {
+                return pass(ctx, state, upstream, None, fwd).await;
+            }
+            Turn::Uncacheable | Turn::Alone => break,
+        }
     }
-    let (flight, leader) = state.flights.join(&primary);
-    // The leader's own channel for a response that turns out not to be shared. It lives here,
-    // with this request: if the request gives up or goes away, the channel closes and the
-    // fetch carries on for the store alone.
-    let mut solo = None;
-    if leader {
-        let (tx, rx) = mpsc::channel(CLIENT_CHANNEL_CHUNKS);
-        solo = Some(rx);
-        start_lead(
-            flight.clone(),
-            ctx,
-            state,
-            upstream,
-            primary.clone(),
-            stale.clone(),
-            fwd,
-            Some(tx),
-        );
-    } else {
-        state.metrics.coalesced_waits.inc();
+    fetch_alone(ctx, state, upstream, primary, stale, fwd).await
+}
+
+/// The key this request's fetch is coalesced under: its variant when the URL's Vary is known
+/// (from the stale entry, or from a recent response), else the URL.
+fn flight_key(
+    ctx: &RequestCtx,
+    state: &ProxyState,
+    primary: &PrimaryKey,
+    stale: Option<&(VariantKey, Entry)>,
+) -> FlightKey {
+    if let Some((key, _)) = stale {
+        return FlightKey::Variant(*key);
     }
-    let outcome = match flight.outcome(state.flights.wait_timeout).await {
-        Some(o) => o,
-        // The leader's origin is too slow: stop waiting and ask on our own.
-        None => return fetch_alone(ctx, state, upstream, primary, stale, fwd).await,
-    };
-    if forward_range_instead(ctx, state, &outcome) {
-        drop(solo);
-        return pass(ctx, state, upstream, None, fwd).await;
-    }
-    match answer(
-        ctx,
-        state,
-        &flight,
-        outcome,
-        leader,
-        solo,
-        stale.as_ref(),
-        fwd,
-    )
-    .await
-    {
-        Some(resp) => resp,
-        // Released: the shared answer does not fit this request.
-        None => fetch_alone(ctx, state, upstream, primary, stale, fwd).await,
+    match state.flights.vary_fields(primary, ctx.now) {
+        Some(fields) => FlightKey::Variant(VariantKey::new(
+            primary,
+            &policy::vary_values(&fields, &ctx.headers, &state.policy),
+        )),
+        None => FlightKey::Url(*primary.hash()),
     }
 }
 
@@ -168,75 +217,47 @@ async fn fetch_alone(
     fwd: &str,
 ) -> HttpResponse {
     let flight = state.flights.unshared();
-    let (tx, solo) = mpsc::channel(CLIENT_CHANNEL_CHUNKS);
+    let reader = flight.reader();
     start_lead(
         flight.clone(),
         ctx,
         state,
         upstream,
-        primary.clone(),
+        primary,
         stale.clone(),
         fwd,
-        Some(tx),
     );
-    let outcome = flight
-        .outcome(std::time::Duration::MAX)
+    let outcome = leader_outcome(state, &flight).await;
+    lead_answer(ctx, state, upstream, outcome, reader, stale.as_ref(), fwd)
         .await
-        .unwrap_or_else(unreachable_outcome);
-    if forward_range_instead(ctx, state, &outcome) {
-        drop(solo);
-        return pass(ctx, state, upstream, None, fwd).await;
-    }
-    answer(
-        ctx,
-        state,
-        &flight,
-        outcome,
-        true,
-        Some(solo),
-        stale.as_ref(),
-        fwd,
-    )
-    .await
-    .unwrap_or_else(|| respond::plain_error(502, "the origin's answer could not be used"))
+        .unwrap_or_else(|| respond::plain_error(502, "the origin's answer could not be used"))
 }
 
-/// A Range GET whose full response is not being stored (too large for `range_fill_max`, of
-/// unknown length, or not storable) and is not small: rather than read the whole body for a
-/// slice, drop that fetch and forward the Range as the client sent it (the 206 is not stored).
-fn forward_range_instead(ctx: &RequestCtx, state: &ProxyState, outcome: &Outcome) -> bool {
-    let Outcome::Response(head) = outcome else {
-        return false;
-    };
-    // The caller then drops its solo channel (a leader's), so the fetch stops reading.
-    ctx.method == "GET"
-        && ctx.headers.contains("range")
-        && head.status == 200
-        && !head.shareable
-        && head.content_length.is_none_or(|n| n > state.range_fill_max)
+/// The leader's wait for its own fetch: bounded by the origin's timeouts (the fetch's), never
+/// by the waiters' `coalesce_timeout`.
+async fn leader_outcome(state: &ProxyState, flight: &Flight) -> Outcome {
+    let limit = state.flights.leader_timeout + LEADER_WAIT_SLACK;
+    flight
+        .outcome(limit)
+        .await
+        .unwrap_or_else(|| Outcome::Failed {
+            status: 504,
+            message: "origin fetch did not answer in time".into(),
+            detail: "origin-timeout",
+        })
 }
 
-fn unreachable_outcome() -> Outcome {
-    Outcome::Failed {
-        status: 502,
-        message: "origin fetch ended without an answer".into(),
-        detail: "origin-error",
-    }
-}
-
-/// Turns a flight's outcome into this client's response; `None` = not for us, fetch alone.
-#[allow(clippy::too_many_arguments)]
-async fn answer(
+/// The leader's response from its fetch's outcome; `None` = a 304 freshened an entry that is
+/// gone again (fetch anew).
+async fn lead_answer(
     ctx: &RequestCtx,
     state: &ProxyState,
-    flight: &Arc<Flight>,
+    upstream: &Upstream,
     outcome: Outcome,
-    leader: bool,
-    solo: Option<mpsc::Receiver<ClientChunk>>,
+    reader: Option<Reader>,
     stale: Option<&(VariantKey, Entry)>,
     fwd: &str,
 ) -> Option<HttpResponse> {
-    let collapse = |s: CacheStatus| if leader { s } else { s.collapsed() };
     match outcome {
         Outcome::Failed {
             status,
@@ -246,51 +267,171 @@ async fn answer(
             if let Some(resp) = serve_stale_on_error(ctx, state, stale, fwd, None).await {
                 return Some(resp);
             }
-            let cache_status = collapse(CacheStatus::fwd(fwd).with_detail(detail));
+            let cache_status = CacheStatus::fwd(fwd).with_detail(detail);
             Some(respond::plain_error_with(status, &message, &cache_status))
         }
         Outcome::Revalidated(key) => {
-            // The 304 updated the entry in the store; read it back, if it still suits us.
-            let entry = state.store.get(&key).ok().flatten()?;
-            let (key, entry) = select_variant(vec![(key, entry)], &ctx.headers, &state.policy)?;
-            let cache_status = collapse(CacheStatus::fwd("stale").with_fwd_status(304));
-            respond::from_store(ctx, state, &key, &entry, cache_status).await
+            drop(reader);
+            let status = CacheStatus::fwd("stale").with_fwd_status(304);
+            from_revalidated(ctx, state, key, status).await.ok()?
         }
         Outcome::Response(head) => {
-            let fits = head.shareable
-                && policy::vary_values(&head.vary_fields, &ctx.headers, &state.policy)
-                    == head.vary_values;
-            if !leader && !fits {
-                return None;
-            }
             if head.status >= 500
                 && let Some(resp) =
                     serve_stale_on_error(ctx, state, stale, fwd, Some(head.status)).await
             {
                 return Some(resp);
             }
-            let body: BoxStream<'static, ClientChunk> = if head.shareable {
-                flight.clone().body().boxed()
-            } else {
-                // Only the leader reads an unshared response, through its own channel.
-                receiver_stream(solo?).boxed()
-            };
-            let cache_status = collapse(head.cache_status.clone());
-            let builder = respond::from_origin_head(head.status, &head.headers, &cache_status);
-            // RFC 9110 §14.2: a Range request is answered from the full response as it arrives.
-            if let Some(reply) = range::select(ctx, head.status, &head.headers, head.content_length)
-            {
-                return Some(range::from_full_stream(builder, reply, ctx.is_head, body));
+            let reader = reader?;
+            if head.share != Share::Everyone && !reads_unstored_range(ctx, state, &head) {
+                // Rather than read far into a body nobody stores, ask for the range itself.
+                drop(reader);
+                return Some(pass(ctx, state, upstream, None, fwd).await);
             }
-            Some(finish_body(
-                builder,
-                ctx.is_head,
-                head.status,
-                head.content_length,
-                body,
-            ))
+            Some(from_head(ctx, &head, head.cache_status.clone(), reader).await)
         }
     }
+}
+
+/// For a Range GET answered by a full response that is not stored: true if the answer can be
+/// cut from this fetch (it needs at most `range_fill_max` bytes of it, or the full 200 is the
+/// answer anyway), false if the Range should go to the origin instead.
+fn reads_unstored_range(ctx: &RequestCtx, state: &ProxyState, head: &SharedHead) -> bool {
+    if ctx.method != "GET" || head.status != 200 || !ctx.headers.contains("range") {
+        return true;
+    }
+    // Without a length the range cannot be resolved here.
+    let Some(len) = head.content_length else {
+        return false;
+    };
+    match range::select(ctx, head.status, &head.headers, Some(len)) {
+        Some(reply) => reply.reads_up_to() <= state.range_fill_max,
+        None => true,
+    }
+}
+
+/// A waiter's answer from the leader's outcome.
+async fn wait_answer(
+    ctx: &RequestCtx,
+    state: &ProxyState,
+    outcome: Outcome,
+    reader: Reader,
+    stale: Option<&(VariantKey, Entry)>,
+    fwd: &str,
+) -> Turn {
+    match outcome {
+        Outcome::Failed {
+            status,
+            message,
+            detail,
+        } => {
+            drop(reader);
+            if let Some(resp) = serve_stale_on_error(ctx, state, stale, fwd, None).await {
+                return Turn::Done(resp);
+            }
+            let cache_status = CacheStatus::fwd(fwd).with_detail(detail).collapsed();
+            Turn::Done(respond::plain_error_with(status, &message, &cache_status))
+        }
+        Outcome::Revalidated(key) => {
+            drop(reader);
+            let status = CacheStatus::fwd("stale").with_fwd_status(304).collapsed();
+            match from_revalidated(ctx, state, key, status).await {
+                Ok(Some(resp)) => Turn::Done(resp),
+                Ok(None) => Turn::Alone,
+                // Another variant was revalidated.
+                Err(()) => Turn::Rejoin,
+            }
+        }
+        Outcome::Response(head) => {
+            match head.share {
+                Share::Everyone => {}
+                Share::Uncacheable => return Turn::Uncacheable,
+                Share::NotFilled => return Turn::Rejoin,
+            }
+            if policy::vary_values(&head.vary_fields, &ctx.headers, &state.policy)
+                != head.vary_values
+            {
+                // RFC 9111 §4.1: not our variant; its fields are known now, so the next join
+                // finds (or starts) the fetch for ours.
+                return Turn::Rejoin;
+            }
+            if head.status >= 500
+                && let Some(resp) =
+                    serve_stale_on_error(ctx, state, stale, fwd, Some(head.status)).await
+            {
+                return Turn::Done(resp);
+            }
+            Turn::Done(from_head(ctx, &head, head.cache_status.clone().collapsed(), reader).await)
+        }
+    }
+}
+
+/// A request that joined a flight too late to read its body from the first byte (the body is
+/// too large to keep in memory): waits for the store to have it, then serves the stored copy.
+async fn after_store(
+    ctx: &RequestCtx,
+    state: &ProxyState,
+    flight: &Flight,
+    primary: &PrimaryKey,
+) -> Turn {
+    let Some(Ok(())) = flight.ended(state.flights.wait_timeout).await else {
+        return Turn::Alone;
+    };
+    let Some(Outcome::Response(head)) = flight.published() else {
+        return Turn::Alone;
+    };
+    match head.share {
+        Share::Everyone => {}
+        Share::Uncacheable => return Turn::Uncacheable,
+        Share::NotFilled => return Turn::Rejoin,
+    }
+    let variants = state.store.variants(primary).unwrap_or_default();
+    let Some((key, entry)) = select_variant(variants, &ctx.headers, &state.policy) else {
+        return Turn::Rejoin;
+    };
+    // Only the copy that fetch just stored (a failed commit may have left an older one).
+    if policy::lookup(&ctx.headers, &entry.freshness, state.clock.now()) != Lookup::Fresh {
+        return Turn::Alone;
+    }
+    let status = head.cache_status.clone().collapsed();
+    match respond::from_store(ctx, state, &key, &entry, status).await {
+        Some(resp) => Turn::Done(resp),
+        None => Turn::Alone,
+    }
+}
+
+/// The entry a 304 just freshened, for this request: `Err` if it is another variant's,
+/// `Ok(None)` if it is gone or unreadable.
+async fn from_revalidated(
+    ctx: &RequestCtx,
+    state: &ProxyState,
+    key: VariantKey,
+    status: CacheStatus,
+) -> Result<Option<HttpResponse>, ()> {
+    let Some(entry) = state.store.get(&key).ok().flatten() else {
+        return Ok(None);
+    };
+    let (key, entry) = select_variant(vec![(key, entry)], &ctx.headers, &state.policy).ok_or(())?;
+    Ok(respond::from_store(ctx, state, &key, &entry, status).await)
+}
+
+/// This client's response from a published head, its body read from the flight as it arrives
+/// (a Range request gets its ranges cut from it, RFC 9110 §14.2).
+async fn from_head(
+    ctx: &RequestCtx,
+    head: &SharedHead,
+    cache_status: CacheStatus,
+    mut reader: Reader,
+) -> HttpResponse {
+    if !ctx.is_head {
+        reader.wait_for_data().await;
+    }
+    let body = reader.into_stream().boxed();
+    let builder = respond::from_origin_head(head.status, &head.headers, &cache_status);
+    if let Some(reply) = range::select(ctx, head.status, &head.headers, head.content_length) {
+        return range::from_full_stream(builder, reply, ctx.is_head, body);
+    }
+    finish_body(builder, ctx.is_head, head.status, head.content_length, body)
 }
 
 /// RFC 5861 §4: when the origin failed (no answer, or `status` ≥ 500) and the stale copy may
@@ -321,8 +462,8 @@ async fn serve_stale_on_error(
     .await
 }
 
-/// Starts one background revalidation for this URL unless a fetch for it is already running
-/// (RFC 5861 §3: serve stale while a single refresh brings a fresh copy).
+/// Starts one background revalidation for this variant unless a fetch for it is already
+/// running (RFC 5861 §3: serve stale while a single refresh brings a fresh copy).
 pub(crate) fn refresh_in_background(
     ctx: &RequestCtx,
     state: &web::Data<ProxyState>,
@@ -331,7 +472,7 @@ pub(crate) fn refresh_in_background(
     key: &VariantKey,
     entry: &Entry,
 ) {
-    let (flight, leader) = state.flights.join(primary);
+    let (flight, leader) = state.flights.join(FlightKey::Variant(*key));
     if !leader {
         return;
     }
@@ -345,13 +486,11 @@ pub(crate) fn refresh_in_background(
         primary.clone(),
         stale,
         "stale",
-        None,
     );
 }
 
 /// Spawns the fetch on this worker (awc is not Send). It outlives the request that started
 /// it, so waiters and the store get the whole response even if that client goes away.
-#[allow(clippy::too_many_arguments)]
 fn start_lead(
     flight: Arc<Flight>,
     ctx: &RequestCtx,
@@ -360,7 +499,6 @@ fn start_lead(
     primary: PrimaryKey,
     stale: Option<(VariantKey, Entry)>,
     fwd: &str,
-    solo: Option<mpsc::Sender<ClientChunk>>,
 ) {
     // The fetch is a plain GET for the full response, whatever this client asked.
     let mut job = ctx.clone();
@@ -374,20 +512,17 @@ fn start_lead(
     }
     let (state, upstream, fwd) = (state.clone(), upstream.clone(), fwd.to_string());
     actix_web::rt::spawn(async move {
-        lead(
-            &flight, &job, &state, &upstream, &primary, stale, &fwd, solo,
-        )
-        .await;
-        // (A no-op for a flight that was never registered.)
-        state.flights.detach(&primary, &flight);
-        // Whatever happened, nobody may wait for this flight any longer.
-        flight.finish(Err("origin fetch abandoned".into()));
+        // However the fetch ends (even by a panic), nobody may wait for it any longer.
+        let _guard = LeadGuard {
+            flights: state.flights.clone(),
+            flight: flight.clone(),
+        };
+        lead(&flight, &job, &state, &upstream, &primary, stale, &fwd).await;
     });
 }
 
 /// The leader's work: ask the origin (conditionally when revalidating), decide, publish the
 /// outcome, then stream the body to the store and to the readers.
-#[allow(clippy::too_many_arguments)]
 async fn lead(
     flight: &Arc<Flight>,
     job: &RequestCtx,
@@ -396,7 +531,6 @@ async fn lead(
     primary: &PrimaryKey,
     mut stale: Option<(VariantKey, Entry)>,
     fwd: &str,
-    solo: Option<mpsc::Sender<ClientChunk>>,
 ) {
     let mut fwd = fwd.to_string();
     // A revalidation may turn into a plain refetch once (a 304 for another representation).
@@ -411,9 +545,13 @@ async fn lead(
         let generation = state.store.purge_generation();
         let request_time = state.clock.now();
         let timer = state.metrics.origin_latency.start_timer();
-        let sent = upstream
-            .send("GET", &job.path_and_query, &headers, ())
-            .await;
+        let limit = state.flights.leader_timeout;
+        let sent = tokio::time::timeout(
+            limit,
+            upstream.send("GET", &job.path_and_query, &headers, ()),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout(limit)));
         timer.observe_duration();
         let response_time = state.clock.now();
         state.metrics.origin_requests.inc();
@@ -453,7 +591,7 @@ async fn lead(
         }
         prepare_response_headers(&mut resp.headers, response_time);
         let times = (request_time, response_time, generation);
-        deliver(flight, job, state, primary, resp, times, &fwd, solo).await;
+        deliver(flight, job, state, primary, resp, times, &fwd).await;
         return;
     }
 }
@@ -508,8 +646,8 @@ fn freshen(
     }
 }
 
-/// Decides whether the response is stored and shared, publishes its head, and streams the body.
-#[allow(clippy::too_many_arguments)]
+/// Decides whether the response is stored and who may share it, publishes its head, and
+/// streams the body to the store and the flight's readers.
 async fn deliver(
     flight: &Arc<Flight>,
     job: &RequestCtx,
@@ -518,7 +656,6 @@ async fn deliver(
     resp: UpstreamResponse,
     (request_time, response_time, generation): (SystemTime, SystemTime, u64),
     fwd: &str,
-    solo: Option<mpsc::Sender<ClientChunk>>,
 ) {
     let length = content_length(&resp.headers);
     let mut cache_status = CacheStatus::fwd(fwd).with_fwd_status(resp.status);
@@ -538,6 +675,8 @@ async fn deliver(
     };
     let (vary_fields, vary_values) = match policy::parse_vary(&resp.headers) {
         Vary::Fields(fields) => {
+            // From now on requests for this URL coalesce per variant.
+            state.flights.learn_vary(primary, &fields, response_time);
             let values = policy::vary_values(&fields, &job.headers, &state.policy);
             (fields, values)
         }
@@ -551,16 +690,17 @@ async fn deliver(
             decision,
             Storable::No(policy::NotStorable::Status | policy::NotStorable::NoFreshness)
         );
+    let storable = matches!(decision, Storable::Yes(_));
+    let not_filled = storable
+        && job
+            .range_fill_max
+            .is_some_and(|max| length.is_none_or(|n| n > max));
     let writer = match decision {
         Storable::No(reason) => {
             cache_status = cache_status.with_detail(reason.as_str());
             None
         }
-        Storable::Yes(_)
-            if job
-                .range_fill_max
-                .is_some_and(|max| length.is_none_or(|n| n > max)) =>
-        {
+        Storable::Yes(_) if not_filled => {
             // Led by a Range request: not worth reading a large or unbounded body for it.
             cache_status = cache_status.with_detail("range-fill-limit");
             None
@@ -585,30 +725,41 @@ async fn deliver(
             Some(state.store.begin_write_since(key, entry, generation))
         }
     };
+    // A storable response too large to store is still meant for everyone: the requests
+    // already waiting stream it along.
+    let share = if not_filled {
+        Share::NotFilled
+    } else if storable || generic_error {
+        Share::Everyone
+    } else {
+        Share::Uncacheable
+    };
     if writer.is_some() {
         state.flights.clear_uncacheable(primary);
-    } else if resp.status < 500 && job.range_fill_max.is_none() {
-        // (A Range-led fetch left unstored for its size says nothing about full requests.)
+        // Later requests for this variant join this flight under its variant key.
+        let key = FlightKey::Variant(VariantKey::new(primary, &vary_values));
+        state.flights.settle(flight, key);
+    } else if share == Share::Uncacheable && resp.status < 500 {
         state.flights.mark_uncacheable(primary, response_time);
     }
-    // Waiters share what is stored (it is meant for everyone) and generic origin errors, as
-    // long as the body fits in memory. A body of unknown length is shared too (dynamic pages
-    // are where herds happen); if it outgrows the buffer the readers are cut, and the URL is
-    // then fetched per request for a while (see below).
-    let fits = length.is_none_or(|n| n <= state.flights.max_body);
-    let shareable = (writer.is_some() || generic_error) && fits;
-    let sink = match (shareable, solo) {
-        (true, _) => Sink::Shared(flight.clone(), state.flights.max_body),
-        (false, Some(tx)) => Sink::Client(tx),
-        // A background refresh: nobody reads, the store may still keep it.
-        (false, None) => Sink::Discard,
-    };
+    if not_filled {
+        // The next Range miss goes to the origin as sent: one request, not a dropped GET too.
+        state.flights.mark_range_forward(primary, response_time);
+    }
+    // Only a response that will be stored (or an error shared as such) stays open for requests
+    // arriving later; and its body is kept whole in memory for them only up to max_body (past
+    // that they wait for the stored copy). Readers already there get every byte regardless.
+    if writer.is_none() && !generic_error {
+        state.flights.detach(flight);
+    } else if length.is_some_and(|n| n > state.flights.max_body) {
+        flight.stop_keeping_from_start();
+    }
     flight.publish(Outcome::Response(Arc::new(SharedHead {
         status: resp.status,
         headers: resp.headers,
         content_length: length,
         cache_status,
-        shareable,
+        share,
         vary_fields,
         vary_values,
     })));
@@ -616,24 +767,18 @@ async fn deliver(
     tee(
         resp.body,
         writer,
-        sink,
+        Sink::Shared(flight.clone()),
         length,
         state.max_object_size,
         Some(errors),
     )
     .await;
-    if flight.overflowed() {
-        // Its readers were cut: do not let the next herd share this URL's fetch again.
-        state.flights.mark_uncacheable(primary, response_time);
-    }
 }
 
-/// Where the body goes besides the store: one client's channel, a flight's shared buffer,
-/// or nowhere.
+/// Where the body goes besides the store: one client's channel, or a flight's readers.
 enum Sink {
     Client(mpsc::Sender<ClientChunk>),
-    Shared(Arc<Flight>, u64),
-    Discard,
+    Shared(Arc<Flight>),
 }
 
 impl Sink {
@@ -641,8 +786,7 @@ impl Sink {
     async fn send(&mut self, chunk: Bytes) -> bool {
         match self {
             Sink::Client(tx) => tx.send(Ok(chunk)).await.is_ok(),
-            Sink::Shared(flight, max) => flight.push(chunk, *max),
-            Sink::Discard => false,
+            Sink::Shared(flight) => flight.push(chunk).await,
         }
     }
 
@@ -651,13 +795,12 @@ impl Sink {
             Sink::Client(tx) => {
                 let _ = tx.send(Err(std::io::Error::other(message))).await;
             }
-            Sink::Shared(flight, _) => flight.finish(Err(message)),
-            Sink::Discard => {}
+            Sink::Shared(flight) => flight.finish(Err(message)),
         }
     }
 
     fn end(&mut self) {
-        if let Sink::Shared(flight, _) = self {
+        if let Sink::Shared(flight) = self {
             flight.finish(Ok(()));
         }
     }

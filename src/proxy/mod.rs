@@ -34,8 +34,8 @@ pub struct ProxyState {
     pub clock: Arc<dyn Clock>,
     /// Bodies above this are passed through unstored.
     pub max_object_size: u64,
-    /// A Range miss fetches and stores the full object only up to this size (else the Range
-    /// request is forwarded as sent and nothing is stored).
+    /// A Range miss fetches and stores the full object only up to this size; for a larger one
+    /// nothing is stored, and a range beyond this many bytes goes to the origin as sent.
     pub range_fill_max: u64,
     /// Origin fetches in progress, shared by the requests that wait for them.
     pub flights: Arc<Flights>,
@@ -52,8 +52,8 @@ pub(crate) struct RequestCtx {
     pub headers: HeaderList,
     pub peer: Option<IpAddr>,
     pub now: SystemTime,
-    /// Set on the fetch a Range request leads: store the full response only up to this size,
-    /// else let the Range go to the origin as sent (see `fetch::forward_range_instead`).
+    /// Set on the fetch a Range request leads: store the full response only up to this size
+    /// (see `fetch::deliver` and `fetch::reads_unstored_range`).
     pub range_fill_max: Option<u64>,
 }
 

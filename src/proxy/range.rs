@@ -136,8 +136,31 @@ pub(crate) fn select(
     let len = len?;
     match policy::select_ranges(&ctx.method, &ctx.headers, status, headers, len) {
         RangeAnswer::Full => None,
-        RangeAnswer::Partial(ranges) => Some(Reply::Partial(Plan::new(ranges, len, headers))),
+        RangeAnswer::Partial(ranges) => {
+            let plan = Plan::new(ranges, len, headers);
+            // RFC 9110 §14.2: many small parts whose framing outweighs the representation
+            // itself are answered with the whole 200, which is smaller and cheaper to send.
+            if plan.boundary.is_some() && plan.body_len() >= len {
+                return None;
+            }
+            Some(Reply::Partial(plan))
+        }
         RangeAnswer::Unsatisfiable => Some(Reply::Unsatisfiable(len)),
+    }
+}
+
+impl Reply {
+    /// How many bytes from the start of the body this answer needs (0 for a 416).
+    pub(crate) fn reads_up_to(&self) -> u64 {
+        match self {
+            Reply::Unsatisfiable(_) => 0,
+            Reply::Partial(plan) => plan
+                .parts
+                .iter()
+                .map(|(r, _)| r.last + 1)
+                .max()
+                .unwrap_or(0),
+        }
     }
 }
 

@@ -184,7 +184,8 @@ struct Shared {
     released: Mutex<Vec<[u8; 32]>>,
     damaged: AtomicU64,
     quarantined: Option<PathBuf>,
-    /// Body files hashed whole by a range read and found intact (see [`Store::open_body_range`]).
+    /// Body files hashed whole (by their writer, or by a range read) and found intact (see
+    /// [`Store::open_body_range`]).
     verified: bodies::Verified,
     /// Recently used records and verified bodies in memory; every index mutation invalidates.
     hot: hot::Hot,
@@ -399,7 +400,8 @@ impl Store {
     /// blake3, yet the time to serve the last 64 KiB of a 1 GiB body must not depend on its
     /// size. Streaming from the start (as [`Store::open_body`] does) fails the second goal;
     /// per-chunk hashes would need a new on-disk format. So the first range read of a body file
-    /// in this process hashes the whole file, then remembers that the file (by content hash,
+    /// in this process hashes the whole file (unless this process wrote it: its writer hashed
+    /// every byte at commit), then remembers that the file (by content hash,
     /// device, inode, size, mtime and ctime) is intact; later range reads of the unchanged file
     /// seek straight to `start`. Any write to the file, a replacement or a `touch` changes the
     /// stamp and forces a fresh hash; a mismatch drops the entry and gives
@@ -880,6 +882,13 @@ impl Shared {
         let installed = temp.is_some();
         if let Some(temp) = temp {
             self.bodies.install(temp, &entry.body.blake3)?;
+            // The writer hashed every byte of this file: the first range read of it need not
+            // hash it again (a 1 GiB body would cost seconds).
+            let path = self.bodies.path_of(&entry.body.blake3);
+            if let Ok(meta) = std::fs::metadata(&path) {
+                self.verified
+                    .insert(entry.body.blake3, bodies::FileStamp::of(&meta));
+            }
         }
         let stamp = self.next_stamp(format::time_to_ms(entry.stored_at));
         let committed = self.index.commit(key, record, entry, stamp);

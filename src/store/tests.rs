@@ -231,3 +231,22 @@ async fn open_body_range_rehashes_a_file_changed_after_verification() {
     assert_eq!(store.get(&k).unwrap(), None, "the damaged entry is dropped");
     assert_eq!(store.stats().damaged_bodies, 1);
 }
+
+#[tokio::test]
+async fn a_committed_body_file_counts_as_verified_for_range_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let p = PrimaryKey::new("http", "x", "/v");
+    let k = VariantKey::new(&p, &[]);
+    let mut w = store.begin_write(k, entry(p.url()));
+    w.write(&vec![3u8; 200_000]).await.unwrap();
+    let e = w.commit(None).await.unwrap();
+    // The writer hashed it: the first range read seeks without hashing the file again.
+    let path = store.shared().bodies.path_of(&e.body.blake3);
+    let stamp = bodies::FileStamp::of(&std::fs::metadata(&path).unwrap());
+    assert!(store.shared().verified.is_verified(&e.body.blake3, &stamp));
+    assert_eq!(
+        collect_range(&store, &k, &e, 199_990, 10).await.unwrap(),
+        vec![3u8; 10]
+    );
+}

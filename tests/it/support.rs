@@ -41,13 +41,19 @@ impl Seen {
 #[derive(Clone, Debug)]
 pub enum Body {
     Full(Bytes),
-    /// Declares Content-Length = `declared` but sends only `sent` and then breaks the connection.
+    /// Declares Content-Length = `declared` but sends only `sent` and then (50 ms later) breaks
+    /// the connection.
     CutShort {
         declared: u64,
         sent: Bytes,
     },
     /// Sends the chunks with a pause before each.
     Slow {
+        chunks: Vec<Bytes>,
+        pause: Duration,
+    },
+    /// Like `Slow`, but with a Content-Length for the whole body.
+    SlowSized {
         chunks: Vec<Bytes>,
         pause: Duration,
     },
@@ -95,6 +101,8 @@ type Script = Arc<dyn Fn(&Seen, usize) -> Reply + Send + Sync>;
 
 struct OriginState {
     routes: Mutex<HashMap<String, Script>>,
+    /// Set by `stop`: a request still arriving on an open keep-alive connection is dropped.
+    stopped: std::sync::atomic::AtomicBool,
     seen: Mutex<Vec<Seen>>,
     clock: Arc<ManualClock>,
 }
@@ -116,6 +124,7 @@ impl TestOrigin {
         let clock = Arc::new(ManualClock::new(SystemTime::now()));
         let state = Arc::new(OriginState {
             routes: Mutex::default(),
+            stopped: Default::default(),
             seen: Mutex::default(),
             clock: clock.clone(),
         });
@@ -186,6 +195,11 @@ impl TestOrigin {
     }
 
     pub async fn stop(&self) {
+        // Workers may still serve a pooled connection for a moment after the listener closes;
+        // those requests get their connection dropped, as from a dead origin.
+        self.state
+            .stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.handle.stop(false).await;
     }
 }
@@ -195,6 +209,12 @@ async fn origin_handler(
     body: web::Bytes,
     state: web::Data<OriginState>,
 ) -> HttpResponse {
+    if state.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+        // A body that fails at once makes actix close the connection without a response.
+        return HttpResponse::Ok().streaming(stream::once(async {
+            Err::<Bytes, _>(std::io::Error::other("origin stopped"))
+        }));
+    }
     let path = req
         .uri()
         .path_and_query()
@@ -250,21 +270,40 @@ async fn origin_handler(
     match reply.body {
         Body::Full(b) => builder.body(b),
         Body::CutShort { declared, sent } => {
-            let chunks: Vec<Result<Bytes, std::io::Error>> =
-                vec![Ok(sent), Err(std::io::Error::other("origin cut the body"))];
-            builder
-                .no_chunking(declared)
-                .streaming(stream::iter(chunks))
-        }
-        Body::Slow { chunks, pause } => {
-            let s = stream::unfold(chunks.into_iter(), move |mut it| async move {
-                let next = it.next()?;
-                actix_web::rt::time::sleep(pause).await;
-                Some((Ok::<_, std::io::Error>(next), it))
+            // The pause lets the head and the first bytes go out before the cut (an error
+            // at once would make actix drop the connection before any response).
+            let s = stream::unfold(0, move |step| {
+                let sent = sent.clone();
+                async move {
+                    match step {
+                        0 => Some((Ok(sent), 1)),
+                        1 => {
+                            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+                            Some((Err(std::io::Error::other("origin cut the body")), 2))
+                        }
+                        _ => None,
+                    }
+                }
             });
-            builder.streaming(s)
+            builder.no_chunking(declared).streaming(s)
+        }
+        Body::Slow { chunks, pause } => builder.streaming(paced(chunks, pause)),
+        Body::SlowSized { chunks, pause } => {
+            let len = chunks.iter().map(|c| c.len() as u64).sum();
+            builder.no_chunking(len).streaming(paced(chunks, pause))
         }
     }
+}
+
+fn paced(
+    chunks: Vec<Bytes>,
+    pause: Duration,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    stream::unfold(chunks.into_iter(), move |mut it| async move {
+        let next = it.next()?;
+        actix_web::rt::time::sleep(pause).await;
+        Some((Ok::<_, std::io::Error>(next), it))
+    })
 }
 
 /// A Larder running in this process on 127.0.0.1:0 over a temp data dir.
