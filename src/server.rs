@@ -232,6 +232,9 @@ impl Larder {
                 .default_service(web::to(proxy::handle))
         })
         .workers(config.workers)
+        // A response goes out in several writes (head, then body chunks as they arrive); Nagle
+        // would hold the small last one back for the client's delayed ACK (~40 ms).
+        .tcp_nodelay(true)
         .shutdown_timeout(shutdown_secs)
         // Signals are ours (see `run_until_signal`): one graceful stop for both listeners,
         // systemd notified, and a second signal that exits at once.
