@@ -107,6 +107,7 @@ pub struct RawCache {
     pub coalesce_memory: Option<String>,
     pub remember_uncacheable: Option<String>,
     pub range_fill_max: Option<String>,
+    pub max_background_refreshes: Option<usize>,
 }
 
 /// `[admin]`
@@ -166,6 +167,9 @@ pub struct CoalesceConfig {
     /// A Range request for an unstored URL fetches the full object (and stores it) only up to
     /// this size; larger or unknown-length objects get the Range forwarded and nothing stored.
     pub range_fill_max: u64,
+    /// Background (stale-while-revalidate) refreshes waiting on the origin at once; past it a
+    /// stale hit is served without starting one.
+    pub max_background_refreshes: usize,
 }
 
 /// What one client may hold or send (`[server]`).
@@ -477,6 +481,16 @@ impl Config {
             range_fill_max: match &c.range_fill_max {
                 Some(s) => parse_bytes(s).map_err(|m| bad("cache.range_fill_max", m))?,
                 None => 64 << 20,
+            },
+            max_background_refreshes: match c.max_background_refreshes {
+                None => 32,
+                Some(n) if (1..=100_000).contains(&n) => n,
+                Some(n) => {
+                    return Err(bad(
+                        "cache.max_background_refreshes",
+                        format!("{n} is not between 1 and 100000"),
+                    ));
+                }
             },
         };
 

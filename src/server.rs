@@ -132,6 +132,9 @@ impl Larder {
                 max_uri_length: config.client_limits.max_uri_length,
                 max_header_size: config.client_limits.max_header_size,
             },
+            refresh_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.coalescing.max_background_refreshes,
+            )),
         });
         let origin = config.origin.clone();
         // One bound on origin requests for all workers (each has its own awc client).

@@ -331,11 +331,23 @@ pub(crate) fn refresh_in_background(
     key: &VariantKey,
     entry: &Entry,
 ) {
+    // Taken before joining: a flight joined as leader must be led.
+    let Ok(slot) = state.refresh_slots.clone().try_acquire_owned() else {
+        // At [cache] max_background_refreshes: serve stale without refreshing; a later
+        // request will try again.
+        return;
+    };
     let (flight, leader) = state.flights.join(primary);
     if !leader {
         return;
     }
     state.metrics.background_refreshes.inc();
+    let waiting = flight.clone();
+    actix_web::rt::spawn(async move {
+        // The slot is held until the origin has answered the refresh.
+        let _ = waiting.outcome(std::time::Duration::MAX).await;
+        drop(slot);
+    });
     let stale = Some((*key, entry.clone()));
     start_lead(
         flight,

@@ -42,6 +42,8 @@ pub struct ProxyState {
     pub metrics: Arc<Metrics>,
     /// Bounds on the request target and header section (414, 431).
     pub limits: RequestLimits,
+    /// Background refreshes waiting on the origin at once (`[cache] max_background_refreshes`).
+    pub refresh_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// One client request, reduced to what the cache logic needs.
