@@ -87,6 +87,7 @@ async fn invalid_chunk_size_gets_no_success() {
         reply.text()
     );
     assert!(reply.closed);
+    eprintln!("invalid chunk size: status {status:?}, closed");
     assert!(origin.seen("/echo/chunk").iter().all(|s| s.body.is_empty()));
     still_serves(&proxy).await;
 }
@@ -324,6 +325,10 @@ async fn slow_header_sender_is_closed_after_the_header_timeout() {
     assert!(
         elapsed < Duration::from_secs(4),
         "a trickling head was cut after {elapsed:?}"
+    );
+    eprintln!(
+        "slowloris: cut after {elapsed:?} with {:?}",
+        answer.lines().next()
     );
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
