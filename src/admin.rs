@@ -132,6 +132,15 @@ fn refuse_https(field: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Fuzzing entry (fuzz/purge_json): parses and checks a `POST /purge` body as the endpoint
+/// does, without touching a store. Not an API.
+#[doc(hidden)]
+pub fn fuzz_parse_purge(body: &[u8]) -> Result<bool, String> {
+    let request: PurgeRequest =
+        serde_json::from_slice(body).map_err(|e| format!("invalid purge request: {e}"))?;
+    request.selector().map(|(_, soft)| soft)
+}
+
 async fn purge(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> HttpResponse {
     if let Some(denied) = check_token(&req, &state) {
         return denied;

@@ -61,6 +61,11 @@ pub struct RawServer {
     pub listen: Option<String>,
     pub workers: Option<usize>,
     pub shutdown_timeout: Option<String>,
+    pub max_connections: Option<usize>,
+    pub header_timeout: Option<String>,
+    pub keep_alive: Option<String>,
+    pub max_uri_length: Option<String>,
+    pub max_header_size: Option<String>,
 }
 
 /// `[origin]`
@@ -71,6 +76,7 @@ pub struct RawOrigin {
     pub connect_timeout: Option<String>,
     pub response_timeout: Option<String>,
     pub body_timeout: Option<String>,
+    pub max_concurrent_requests: Option<usize>,
 }
 
 /// `[storage]`
@@ -103,6 +109,7 @@ pub struct RawCache {
     pub coalesce_memory: Option<String>,
     pub remember_uncacheable: Option<String>,
     pub range_fill_max: Option<String>,
+    pub max_background_refreshes: Option<usize>,
 }
 
 /// `[admin]`
@@ -139,6 +146,8 @@ pub struct Config {
     pub coalescing: CoalesceConfig,
     pub workers: usize,
     pub shutdown_timeout: Duration,
+    /// Bounds on client connections and request heads.
+    pub client_limits: ClientLimits,
     pub origin: OriginConfig,
     pub storage: StorageConfig,
     pub policy: PolicyOptions,
@@ -164,6 +173,24 @@ pub struct CoalesceConfig {
     /// A Range request for an unstored URL fetches the full object (and stores it) only up to
     /// this size; larger or unknown-length objects get the Range forwarded and nothing stored.
     pub range_fill_max: u64,
+    /// Background (stale-while-revalidate) refreshes waiting on the origin at once; past it a
+    /// stale hit is served without starting one.
+    pub max_background_refreshes: usize,
+}
+
+/// What one client may hold or send (`[server]`).
+#[derive(Debug, Clone)]
+pub struct ClientLimits {
+    /// Open client connections, all workers together; past it new ones wait in the backlog.
+    pub max_connections: usize,
+    /// Time allowed for a request head to arrive in full (slowloris), then 408 and close.
+    pub header_timeout: Duration,
+    /// How long an idle keep-alive connection stays open.
+    pub keep_alive: Duration,
+    /// Longest request target (414 beyond).
+    pub max_uri_length: usize,
+    /// Largest request header section (431 beyond).
+    pub max_header_size: usize,
 }
 
 /// Where and how to reach the origin.
@@ -176,6 +203,8 @@ pub struct OriginConfig {
     pub response_timeout: Duration,
     /// Longest pause allowed between two body chunks before the fetch is abandoned.
     pub body_timeout: Duration,
+    /// Requests in flight to the origin at once, all workers together (more wait for a slot).
+    pub max_concurrent_requests: usize,
 }
 
 /// The on-disk cache.
@@ -213,6 +242,50 @@ const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
 const DEFAULT_ORIGIN: &str = "http://127.0.0.1:3000";
 const DEFAULT_DATA_DIR: &str = "./larder-data";
 const DEFAULT_MAX_SIZE: u64 = 10 << 30;
+const DEFAULT_MAX_ORIGIN_REQUESTS: usize = 256;
+/// actix's parser answers 431 itself once a request head passes 128 KiB; a larger setting
+/// could never be reached.
+const HEAD_BUFFER_MAX: u64 = 128 << 10;
+
+/// `[server]` connection and request-head bounds; errors name their key.
+fn client_limits(raw: &RawServer) -> Result<ClientLimits, (&'static str, String)> {
+    let max_connections = match raw.max_connections {
+        None => 10_000,
+        Some(n) if (1..=1_000_000).contains(&n) => n,
+        Some(n) => {
+            return Err((
+                "server.max_connections",
+                format!("{n} is not between 1 and 1000000"),
+            ));
+        }
+    };
+    let positive = |key: &'static str, value: &Option<String>, default: &str| {
+        let d = duration_or(value, default).map_err(|m| (key, m))?;
+        if d.is_zero() {
+            return Err((key, "must be more than 0".to_string()));
+        }
+        Ok(d)
+    };
+    let header_timeout = positive("server.header_timeout", &raw.header_timeout, "10s")?;
+    let keep_alive = positive("server.keep_alive", &raw.keep_alive, "15s")?;
+    let size = |key: &'static str, value: &Option<String>, default: u64| {
+        let n = match value {
+            Some(s) => parse_bytes(s).map_err(|m| (key, m))?,
+            None => default,
+        };
+        if !(256..=HEAD_BUFFER_MAX).contains(&n) {
+            return Err((key, format!("{n} bytes is not between 256 and 128KiB")));
+        }
+        Ok(n as usize)
+    };
+    Ok(ClientLimits {
+        max_connections,
+        header_timeout,
+        keep_alive,
+        max_uri_length: size("server.max_uri_length", &raw.max_uri_length, 8 << 10)?,
+        max_header_size: size("server.max_header_size", &raw.max_header_size, 32 << 10)?,
+    })
+}
 
 impl Config {
     /// Reads `file` (if given), applies `overrides`, and validates the result.
@@ -290,6 +363,7 @@ impl Config {
         };
         let shutdown_timeout = duration_or(&raw.server.shutdown_timeout, "30s")
             .map_err(|m| bad("server.shutdown_timeout", m))?;
+        let client_limits = client_limits(&raw.server).map_err(|(k, m)| bad(k, m))?;
 
         let url = raw.origin.url.as_deref().ok_or_else(|| {
             bad(
@@ -305,6 +379,16 @@ impl Config {
                 .map_err(|m| bad("origin.response_timeout", m))?,
             body_timeout: duration_or(&raw.origin.body_timeout, "60s")
                 .map_err(|m| bad("origin.body_timeout", m))?,
+            max_concurrent_requests: match raw.origin.max_concurrent_requests {
+                None => DEFAULT_MAX_ORIGIN_REQUESTS,
+                Some(n) if (1..=100_000).contains(&n) => n,
+                Some(n) => {
+                    return Err(bad(
+                        "origin.max_concurrent_requests",
+                        format!("{n} is not between 1 and 100000"),
+                    ));
+                }
+            },
         };
 
         let max_size = match &raw.storage.max_size {
@@ -424,6 +508,16 @@ impl Config {
                 Some(s) => parse_bytes(s).map_err(|m| bad("cache.range_fill_max", m))?,
                 None => 64 << 20,
             },
+            max_background_refreshes: match c.max_background_refreshes {
+                None => 32,
+                Some(n) if (1..=100_000).contains(&n) => n,
+                Some(n) => {
+                    return Err(bad(
+                        "cache.max_background_refreshes",
+                        format!("{n} is not between 1 and 100000"),
+                    ));
+                }
+            },
         };
 
         let admin_listen = parse_addr(raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN))
@@ -483,6 +577,7 @@ impl Config {
             coalescing,
             workers,
             shutdown_timeout,
+            client_limits,
             origin,
             storage,
             policy,
@@ -653,6 +748,17 @@ mod tests {
             (
                 "[cache]\ncoalesce_leader_timeout = \"0s\"",
                 "cache.coalesce_leader_timeout",
+            ),
+            ("[server]\nmax_connections = 0", "server.max_connections"),
+            ("[server]\nheader_timeout = \"0s\"", "server.header_timeout"),
+            (
+                "[server]\nmax_header_size = \"1MiB\"",
+                "server.max_header_size",
+            ),
+            ("[server]\nmax_uri_length = \"10\"", "server.max_uri_length"),
+            (
+                "[origin]\nmax_concurrent_requests = 0",
+                "origin.max_concurrent_requests",
             ),
         ];
         for (text, key) in cases {

@@ -203,7 +203,9 @@ impl Larder {
         let proxy_addr = local(&proxy_listener, "proxy", config.listen)?;
         let admin_addr = local(&admin_listener, "admin", config.admin.listen)?;
 
-        let flights = Arc::new(Flights::new(&config.coalescing));
+        let flights = Arc::new(
+            Flights::new(&config.coalescing).with_reader_stall(config.origin.body_timeout),
+        );
         let metrics = Arc::new(Metrics::new());
         let state = web::Data::new(ProxyState {
             store: store.clone(),
@@ -213,8 +215,22 @@ impl Larder {
             range_fill_max: config.coalescing.range_fill_max,
             flights: flights.clone(),
             metrics: metrics.clone(),
+            limits: proxy::RequestLimits {
+                max_uri_length: config.client_limits.max_uri_length,
+                max_header_size: config.client_limits.max_header_size,
+            },
+            refresh_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.coalescing.max_background_refreshes,
+            )),
         });
         let origin = config.origin.clone();
+        // One bound on origin requests for all workers (each has its own awc client).
+        let origin_slots = Arc::new(tokio::sync::Semaphore::new(
+            config.origin.max_concurrent_requests,
+        ));
+        let limits = &config.client_limits;
+        // actix counts connections per worker.
+        let connections_per_worker = limits.max_connections.div_ceil(config.workers.max(1));
         let shutdown_secs = config.shutdown_timeout.as_secs();
         let proxy = HttpServer::new(move || {
             App::new()
@@ -226,7 +242,9 @@ impl Larder {
                 })
                 .app_data(state.clone())
                 // One awc client per worker: it is not Send.
-                .app_data(web::Data::new(Upstream::new(&origin)))
+                .app_data(web::Data::new(
+                    Upstream::new(&origin).with_request_slots(origin_slots.clone()),
+                ))
                 // Client bodies stream straight to the origin; no size cap at this layer.
                 .app_data(web::PayloadConfig::new(usize::MAX))
                 .default_service(web::to(proxy::handle))
@@ -235,6 +253,10 @@ impl Larder {
         // A response goes out in several writes (head, then body chunks as they arrive); Nagle
         // would hold the small last one back for the client's delayed ACK (~40 ms).
         .tcp_nodelay(true)
+        .max_connections(connections_per_worker)
+        // Slowloris: a request head must arrive in full within this (else 408 and close).
+        .client_request_timeout(limits.header_timeout)
+        .keep_alive(limits.keep_alive)
         .shutdown_timeout(shutdown_secs)
         // Signals are ours (see `run_until_signal`): one graceful stop for both listeners,
         // systemd notified, and a second signal that exits at once.

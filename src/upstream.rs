@@ -3,9 +3,10 @@
 //! Everything awc-specific stays here; the proxy sees `HeaderList`s, status codes and a body it
 //! pulls chunk by chunk, so it never holds an awc type across its own logic.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::{Method, header::HeaderName, header::HeaderValue};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::OriginConfig;
@@ -58,9 +60,16 @@ pub struct UpstreamResponse {
 pub struct UpstreamBody {
     inner: awc::ClientResponse,
     idle_timeout: Duration,
+    /// The origin-request slot, held until the body is read or dropped.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl UpstreamBody {
+    /// The longest pause allowed between two chunks (`[origin] body_timeout`).
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
     /// The next chunk, `None` at the clean end, an error if the body broke or stalled.
     pub async fn next_chunk(&mut self) -> Option<Result<Bytes, UpstreamError>> {
         match tokio::time::timeout(self.idle_timeout, self.inner.next()).await {
@@ -77,34 +86,35 @@ impl UpstreamBody {
 
 /// The origin, as seen from one worker thread (awc's client is not `Send`).
 pub struct Upstream {
-    client: awc::Client,
+    /// Replaced (dropping its pooled connections) when a connection's state is in doubt.
+    client: RefCell<awc::Client>,
+    connect_timeout: Duration,
     base_url: String,
     response_timeout: Duration,
     body_timeout: Duration,
+    /// Shared by every worker: bounds the requests in flight to the origin.
+    slots: Option<Arc<Semaphore>>,
 }
 
 impl Upstream {
     /// Builds the worker's client from the origin settings.
     pub fn new(cfg: &OriginConfig) -> Self {
-        let connector = awc::Connector::new()
-            .timeout(cfg.connect_timeout)
-            // The per-host pool is the bound on concurrent origin connections per worker.
-            .limit(256);
-        let client = awc::Client::builder()
-            .connector(connector)
-            // awc's timeout covers the whole exchange, request body included: a slow upload to a
-            // healthy origin would get a 504. `send` times only the wait for the head instead.
-            .disable_timeout()
-            // A proxy passes redirects to its client and adds no User-Agent of its own.
-            .disable_redirects()
-            .no_default_headers()
-            .finish();
         Self {
-            client,
+            client: RefCell::new(build_client(cfg)),
+            connect_timeout: cfg.connect_timeout,
             base_url: cfg.base_url.clone(),
             response_timeout: cfg.response_timeout,
             body_timeout: cfg.body_timeout,
+            slots: None,
         }
+    }
+
+    /// Makes each request take one of `slots` (shared by all workers) from before it is sent
+    /// until its body is done, so the origin never sees more requests at once than there are
+    /// slots. A request that waits longer than the response timeout for one fails as a timeout.
+    pub fn with_request_slots(mut self, slots: Arc<Semaphore>) -> Self {
+        self.slots = Some(slots);
+        self
     }
 
     /// Sends `method path_and_query` with `headers` (already filtered for forwarding) and a
@@ -122,8 +132,20 @@ impl Upstream {
     {
         let method = Method::from_bytes(method.as_bytes())
             .map_err(|_| UpstreamError::Protocol(format!("invalid method {method:?}")))?;
+        let slot = match &self.slots {
+            Some(slots) => {
+                match tokio::time::timeout(self.response_timeout, slots.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(permit)) => Some(permit),
+                    Ok(Err(_)) => None,
+                    Err(_) => return Err(UpstreamError::Timeout(self.response_timeout)),
+                }
+            }
+            None => None,
+        };
         let url = format!("{}{}", self.base_url, path_and_query);
-        let mut request = self.client.request(method, url.as_str());
+        let mut request = self.client.borrow().request(method, url.as_str());
         for (name, value) in headers.iter() {
             // Values came from a parsed HTTP message, so conversion only fails on hostile bytes: drop those.
             if let (Ok(n), Ok(v)) = (
@@ -143,6 +165,15 @@ impl Upstream {
             .await?
             .map_err(|e| classify(e, self.response_timeout))?;
         let status = response.status().as_u16();
+        if (100..200).contains(&status) {
+            // awc reads an interim 1xx as the response and pools the connection with the
+            // final response still unread, where the next request would take it for its own.
+            // Drop every pooled connection of this worker (a fresh client), then fail this one.
+            self.client.replace(build_client_with(self.connect_timeout));
+            return Err(UpstreamError::Protocol(format!(
+                "origin sent an interim {status} response, which this proxy does not read past"
+            )));
+        }
         let headers = response
             .headers()
             .iter()
@@ -154,6 +185,7 @@ impl Upstream {
             body: UpstreamBody {
                 inner: response,
                 idle_timeout: self.body_timeout,
+                _slot: slot,
             },
         })
     }
@@ -203,6 +235,26 @@ impl<B: MessageBody> MessageBody for Progress<B> {
         }
         polled
     }
+}
+
+fn build_client(cfg: &OriginConfig) -> awc::Client {
+    build_client_with(cfg.connect_timeout)
+}
+
+fn build_client_with(connect_timeout: Duration) -> awc::Client {
+    let connector = awc::Connector::new()
+        .timeout(connect_timeout)
+        // The per-host pool is the bound on concurrent origin connections per worker.
+        .limit(256);
+    awc::Client::builder()
+        .connector(connector)
+        // awc's timeout covers the whole exchange, request body included: a slow upload to a
+        // healthy origin would get a 504. `send` times only the wait for the head instead.
+        .disable_timeout()
+        // A proxy passes redirects to its client and adds no User-Agent of its own.
+        .disable_redirects()
+        .no_default_headers()
+        .finish()
 }
 
 fn classify(e: awc::error::SendRequestError, timeout: Duration) -> UpstreamError {

@@ -472,11 +472,23 @@ pub(crate) fn refresh_in_background(
     key: &VariantKey,
     entry: &Entry,
 ) {
+    // Taken before joining: a flight joined as leader must be led.
+    let Ok(slot) = state.refresh_slots.clone().try_acquire_owned() else {
+        // At [cache] max_background_refreshes: serve stale without refreshing; a later
+        // request will try again.
+        return;
+    };
     let (flight, leader) = state.flights.join(FlightKey::Variant(*key));
     if !leader {
         return;
     }
     state.metrics.background_refreshes.inc();
+    let waiting = flight.clone();
+    actix_web::rt::spawn(async move {
+        // The slot is held until the origin has answered the refresh.
+        let _ = waiting.outcome(std::time::Duration::MAX).await;
+        drop(slot);
+    });
     let stale = Some((*key, entry.clone()));
     start_lead(
         flight,
@@ -790,6 +802,29 @@ impl Sink {
         }
     }
 
+    /// Like `send`, but a client that takes no chunk within `patience` is given up: it gets
+    /// an error (never a clean end) when it reads again, and `false` lets the store's copy go on.
+    async fn send_within(&mut self, chunk: Bytes, patience: std::time::Duration) -> bool {
+        let Sink::Client(tx) = self else {
+            return self.send(chunk).await;
+        };
+        match tokio::time::timeout(patience, tx.send(Ok(chunk))).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::debug!(
+                    ?patience,
+                    "client stopped reading; cutting it, the cache copy goes on"
+                );
+                let tx = tx.clone();
+                actix_web::rt::spawn(async move {
+                    let cut = std::io::Error::other("client stopped reading");
+                    let _ = tx.send(Err(cut)).await;
+                });
+                false
+            }
+        }
+    }
+
     async fn fail(&mut self, message: String) {
         match self {
             Sink::Client(tx) => {
@@ -837,7 +872,13 @@ async fn tee(
                 if let Some(prev) = held.replace(chunk)
                     && readers
                 {
-                    readers = sink.send(prev).await;
+                    // While the store copy is being written, a client that stops reading
+                    // must not hold it (or the origin) up: it gets as long as a stalled
+                    // origin would, then it is cut.
+                    readers = match writer {
+                        Some(_) => sink.send_within(prev, body.idle_timeout()).await,
+                        None => sink.send(prev).await,
+                    };
                 }
                 if !readers && writer.is_none() {
                     return;

@@ -32,9 +32,10 @@ use super::respond::CacheStatus;
 /// reader before the fetch waits for that reader (the same backpressure a lone client gives).
 pub(crate) const STREAM_WINDOW: u64 = 1 << 20;
 
-/// Longest the fetch waits for a reader that reads nothing while it lags a full window behind.
-/// Past it that reader's response is cut: one client that stopped reading must not hold the
-/// fetch (the store's copy and every other client) hostage.
+/// Longest the fetch waits, unless told otherwise ([`Flights::with_reader_stall`]), for a
+/// reader that reads nothing while it lags a full window behind. Past it that reader's response
+/// is cut: one client that stopped reading must not hold the fetch (the store's copy and every
+/// other client) hostage.
 const READER_STALL_LIMIT: Duration = Duration::from_secs(30);
 
 /// Longest a response head waits for the first body bytes to go out with it (see
@@ -103,6 +104,13 @@ impl Flights {
                 limit: cfg.total_memory,
             }),
         }
+    }
+
+    /// Sets how long a reader may take nothing while the fetch waits for it. The server uses
+    /// the origin's `body_timeout`: a client that stalls is given what a stalling origin gets.
+    pub fn with_reader_stall(mut self, stall: Duration) -> Self {
+        self.reader_stall = stall;
+        self
     }
 
     /// A flight nobody else can join (a request fetching on its own).
@@ -675,6 +683,7 @@ mod tests {
             total_memory: total,
             remember_uncacheable: Duration::from_secs(30),
             range_fill_max: 1 << 20,
+            max_background_refreshes: 32,
         }))
     }
 

@@ -7,6 +7,7 @@
 
 mod fetch;
 mod flight;
+mod guard;
 mod range;
 mod respond;
 
@@ -14,7 +15,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use crate::clock::Clock;
@@ -25,6 +25,7 @@ use crate::store::{Entry, Store, Variant, Variants};
 use crate::upstream::Upstream;
 
 pub use flight::Flights;
+pub use guard::RequestLimits;
 pub use respond::CacheStatus;
 
 /// What every worker shares: the store, the rules, the clock, the fetches in flight, metrics.
@@ -40,6 +41,10 @@ pub struct ProxyState {
     /// Origin fetches in progress, shared by the requests that wait for them.
     pub flights: Arc<Flights>,
     pub metrics: Arc<Metrics>,
+    /// Bounds on the request target and header section (414, 431).
+    pub limits: RequestLimits,
+    /// Background refreshes waiting on the origin at once (`[cache] max_background_refreshes`).
+    pub refresh_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// One client request, reduced to what the cache logic needs.
@@ -71,9 +76,16 @@ pub async fn handle(
     state: web::Data<ProxyState>,
     upstream: web::Data<Upstream>,
 ) -> HttpResponse {
-    let Some(host) = request_host(&req) else {
-        return respond::plain_error(400, "missing Host header");
+    let host = match guard::admit(&req, &state.limits) {
+        Ok(host) => host,
+        Err(refusal) => return *refusal,
     };
+    let mut headers: HeaderList = req
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect();
+    guard::neutralize(&mut headers, &host);
     let ctx = RequestCtx {
         method: req.method().as_str().to_string(),
         is_head: req.method() == actix_web::http::Method::HEAD,
@@ -82,11 +94,7 @@ pub async fn handle(
             .uri()
             .path_and_query()
             .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
-        headers: req
-            .headers()
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_bytes()))
-            .collect(),
+        headers,
         peer: req.peer_addr().map(|a| a.ip()),
         now: state.clock.now(),
         range_fill_max: None,
@@ -214,18 +222,5 @@ fn vary_matches(entry: &Entry, req: &HeaderList, opts: &PolicyOptions) -> bool {
     entry.vary.is_empty() || {
         let fields: Vec<String> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
         policy::vary_values(&fields, req, opts) == entry.vary
-    }
-}
-
-/// Host as the client sent it: the Host field, or the authority of an absolute-form target.
-fn request_host(req: &HttpRequest) -> Option<String> {
-    if let Some(authority) = req.uri().authority() {
-        return Some(authority.as_str().to_string());
-    }
-    match req.headers().get(header::HOST) {
-        Some(h) => h.to_str().ok().map(str::to_string),
-        // HTTP/1.0 may omit Host (RFC 9112 §3.2 requires it of 1.1 only).
-        None if req.version() == actix_web::http::Version::HTTP_10 => Some(String::new()),
-        None => None,
     }
 }

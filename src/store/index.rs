@@ -89,7 +89,7 @@ pub(super) fn open(
     cache_capacity: u64,
     now: SystemTime,
 ) -> Result<(Index, Option<PathBuf>), StoreError> {
-    match try_open(path, cache_capacity) {
+    match try_open_waiting(path, cache_capacity) {
         Ok(index) => Ok((index, None)),
         Err(Failure::Corrupt(why)) => {
             let aside = quarantine_path(path, now);
@@ -113,6 +113,24 @@ pub(super) fn open(
 enum Failure {
     Corrupt(String),
     Other(StoreError),
+}
+
+/// How long an open waits for a lock that is held. sled releases its file lock only when the
+/// last of its internal IO jobs lets go of the database, a moment after the `Db` is dropped,
+/// so a store closed and reopened in one process (a restart in tests, the close-time
+/// checkpoint) can find it still held; another process that holds it still gets `Locked`.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn try_open_waiting(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
+    let started = std::time::Instant::now();
+    loop {
+        match try_open(path, cache_capacity) {
+            Err(Failure::Other(StoreError::Locked(_))) if started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn try_open(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
@@ -152,7 +170,7 @@ fn try_open(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
 /// Opens and closes the database once, so that sled writes a recovery snapshot (it does so only
 /// while opening) and the next open replays only what is written after it.
 pub(super) fn checkpoint(path: &Path, cache_capacity: u64) -> Result<(), StoreError> {
-    match try_open(path, cache_capacity) {
+    match try_open_waiting(path, cache_capacity) {
         Ok(index) => index.flush(),
         Err(Failure::Corrupt(why)) => Err(StoreError::Db(why.into())),
         Err(Failure::Other(e)) => Err(e),

@@ -37,6 +37,18 @@ pub use format::{FormatError, MAX_INLINE_MAX};
 pub use hot::{Variant, Variants};
 pub use migrate::CURRENT_SCHEMA;
 
+/// Fuzzing entry (fuzz/record_decode): the record decoder on arbitrary bytes. Not an API.
+#[doc(hidden)]
+pub fn fuzz_decode_record(bytes: &[u8]) -> Result<Entry, FormatError> {
+    format::decode_entry(bytes)
+}
+
+/// Fuzzing entry: the record encoder, to check that a decoded record round-trips. Not an API.
+#[doc(hidden)]
+pub fn fuzz_encode_record(entry: &Entry) -> Result<Vec<u8>, FormatError> {
+    format::encode_entry(entry)
+}
+
 use bodies::{Bodies, SpillFile};
 use index::Index;
 
