@@ -136,18 +136,28 @@ fn refuse_https(field: &str, value: &str) -> Result<(), String> {
 /// does, without touching a store. Not an API.
 #[doc(hidden)]
 pub fn fuzz_parse_purge(body: &[u8]) -> Result<bool, String> {
-    let request: PurgeRequest =
+    parse_purge(body)?.selector().map(|(_, soft)| soft)
+}
+
+/// The body as a purge request. Only a JSON object is one: serde would also build the struct
+/// from an array of its fields in order (`[null,null,null,true]` as `{"all": true}`), which is
+/// not the documented shape, so an operator's typo could purge more than meant.
+fn parse_purge(body: &[u8]) -> Result<PurgeRequest, String> {
+    let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("invalid purge request: {e}"))?;
-    request.selector().map(|(_, soft)| soft)
+    if !value.is_object() {
+        return Err("invalid purge request: expected a JSON object".into());
+    }
+    serde_json::from_value(value).map_err(|e| format!("invalid purge request: {e}"))
 }
 
 async fn purge(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> HttpResponse {
     if let Some(denied) = check_token(&req, &state) {
         return denied;
     }
-    let request: PurgeRequest = match serde_json::from_slice(&body) {
+    let request = match parse_purge(&body) {
         Ok(r) => r,
-        Err(e) => return json_error(400, &format!("invalid purge request: {e}")),
+        Err(message) => return json_error(400, &message),
     };
     let (selector, soft) = match request.selector() {
         Ok(s) => s,

@@ -221,6 +221,9 @@ async fn bad_purge_requests_are_400_and_delete_nothing() {
         "{\"prefix\":\"blog\"}",
         "{\"tag\":\"\"}",
         "[1,2]",
+        // serde would read this array as {"all": true}; only an object is a purge request.
+        "[null,null,null,true]",
+        "\"all\"",
     ] {
         let r = purge(&proxy, bad).await;
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
