@@ -225,7 +225,10 @@ async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
         "body_files": s.body_files,
         "body_file_bytes": s.body_file_bytes,
         "record_bytes": s.record_bytes,
-        "usage_bytes": s.record_bytes + s.body_file_bytes,
+        "index_bytes": s.index_bytes,
+        "quarantined_bytes": s.quarantined_bytes,
+        "usage_bytes": s.usage_bytes,
+        "rejected": s.rejected,
         "evictions": s.evictions,
         "dropped_records": s.dropped_records,
         "damaged_bodies": s.damaged_bodies,
@@ -247,7 +250,7 @@ async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse
         body_file_bytes: s.body_file_bytes,
         dropped_records: s.dropped_records,
         damaged_bodies: s.damaged_bodies,
-        usage_bytes: s.record_bytes + s.body_file_bytes,
+        usage_bytes: s.usage_bytes,
         evictions: s.evictions,
     };
     HttpResponse::Ok()

@@ -67,6 +67,10 @@ pub enum StoreError {
     /// A purge happened after this write began, so the response it carries may be what was purged.
     #[error("a purge happened while this response was being fetched; it was not stored")]
     Superseded,
+    /// The store is full and the entries eviction would have to drop are used more often than
+    /// this one (TinyLFU admission, see `store/admission.rs`); it was not stored.
+    #[error("the cache is full of entries used more often; this response was not stored")]
+    NotAdmitted,
     /// The entry could not be encoded (e.g. headers too large for a record).
     #[error("entry cannot be stored: {0}")]
     Format(#[from] FormatError),

@@ -14,15 +14,17 @@
 //!   [`Store::sweep_orphan_bodies`] removes.
 //! - Every body is verified against its blake3 when read; damage drops the entry.
 
+pub mod admission;
 mod bodies;
 mod error;
 mod format;
 mod index;
 mod migrate;
+mod reconcile;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -34,9 +36,12 @@ pub use bodies::BodyStream;
 pub use error::StoreError;
 pub use format::{FormatError, MAX_INLINE_MAX};
 pub use migrate::CURRENT_SCHEMA;
+pub use reconcile::{ReconcileReport, Repair};
 
+use admission::FrequencySketch;
 use bodies::{Bodies, SpillFile};
 use index::Index;
+use reconcile::RecountStep;
 
 use crate::key::{PrimaryKey, VariantKey};
 use crate::policy::{Freshness, HeaderList};
@@ -54,7 +59,9 @@ pub struct StoreOptions {
     /// [`Store::flush`] and close. Default `Some(500)`.
     pub flush_every_ms: Option<u64>,
     /// Bound on [`Store::usage`]; past it, least recently used entries are evicted down to
-    /// [`EVICT_TO_PERCENT`] of it. `None` = unbounded. Default `None`.
+    /// [`EVICT_TO_PERCENT`] of it, sparing those used more often than the newcomers, and a
+    /// newcomer used less often than the entry it would displace is not stored (TinyLFU, see
+    /// admission.rs). `None` = unbounded. Default `None`.
     pub max_size: Option<u64>,
 }
 
@@ -76,6 +83,10 @@ pub const EVICT_TO_PERCENT: u64 = 90;
 /// Touches buffered in memory before older ones are dropped (the order is a hint; losing a
 /// few under extreme load only makes eviction slightly less precise).
 const MAX_PENDING_TOUCHES: usize = 100_000;
+
+/// Where an entry sits in the expiry order (see [`Store::expired_after`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpiryPosition(Vec<u8>);
 
 /// One stored response (one variant of one URL).
 #[derive(Clone, Debug, PartialEq)]
@@ -127,8 +138,18 @@ pub struct StoreStats {
     pub damaged_bodies: u64,
     /// Bytes of all encoded records (headers, metadata, inline bodies).
     pub record_bytes: u64,
+    /// Bytes of the keys and index rows of every entry and body file in the database, with
+    /// sled's per-row overhead (see `index::index_bytes`).
+    pub index_bytes: u64,
+    /// Bytes of the quarantined copy of a corrupt database, if one is kept (`db.corrupt-*`).
+    pub quarantined_bytes: u64,
+    /// What `max_size` bounds ([`Store::usage`]): records + index rows + body files +
+    /// quarantined copy.
+    pub usage_bytes: u64,
     /// Entries evicted since open to stay under `max_size`.
     pub evictions: u64,
+    /// Entries not stored since open because the store was full of entries used more often.
+    pub rejected: u64,
 }
 
 /// A handle to an open store. Cheap to clone; all clones share one database. Send + Sync.
@@ -159,6 +180,14 @@ struct Shared {
     stamp: AtomicU64,
     max_size: Option<u64>,
     evictions: AtomicU64,
+    rejected: AtomicU64,
+    /// How often each URL (primary hash) was looked up lately: eviction's sense of value.
+    sketch: FrequencySketch,
+    /// The highest lookup count among entries stored over budget since the last eviction:
+    /// eviction spares victims used more often than that.
+    pressure: AtomicU8,
+    /// See [`StoreStats::quarantined_bytes`]; measured at open and by [`Store::refresh_quarantine`].
+    quarantined_bytes: AtomicU64,
     /// Set by a commit that left the store over `max_size`; the flusher thread evicts.
     over_budget: AtomicBool,
     dir: PathBuf,
@@ -214,6 +243,17 @@ impl Store {
         // Only now that we hold the database lock is it safe to clear another run's temp files.
         let bodies = Bodies::open(&dir.join("bodies"))?;
         let newest_stamp = index.newest_access_stamp()?;
+        let quarantined_bytes = index::quarantined_bytes(&dir.join("db"));
+        if quarantined_bytes > 0 {
+            tracing::warn!(
+                bytes = quarantined_bytes,
+                "a quarantined copy of a corrupt store database is kept in the data directory and counts toward max_size; delete the db.corrupt-* directory once inspected"
+            );
+        }
+        // About one sketch slot per entry the bound can hold (entries of 8 KiB on average);
+        // 2 bytes each, at most 4 MiB.
+        let expected = opts.max_size.map_or(1 << 16, |m| m / 8192);
+        let sketch = FrequencySketch::new(expected.clamp(1024, 1 << 21) as usize);
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             cache_capacity: opts.cache_capacity,
@@ -229,6 +269,10 @@ impl Store {
             stamp: AtomicU64::new(newest_stamp),
             max_size: opts.max_size,
             evictions: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            sketch,
+            pressure: AtomicU8::new(0),
+            quarantined_bytes: AtomicU64::new(quarantined_bytes),
             over_budget: AtomicBool::new(false),
             verified: bodies::Verified::default(),
         });
@@ -261,8 +305,10 @@ impl Store {
     }
 
     /// Every stored variant of a URL (a prefix scan on the primary hash). Undecodable records are
-    /// deleted, logged and skipped.
+    /// deleted, logged and skipped. Counts the lookup for eviction (memory only), hit or miss:
+    /// the proxy calls this once per request.
     pub fn variants(&self, primary: &PrimaryKey) -> Result<Vec<(VariantKey, Entry)>, StoreError> {
+        self.shared().sketch.record(primary.hash());
         self.shared().index.scan_primary(primary.hash()).collect()
     }
 
@@ -580,6 +626,26 @@ impl Store {
             .scan_expired(format::time_to_ms(now), limit)
     }
 
+    /// Like [`Store::expired`], resuming after `after` (a position from an earlier call), with
+    /// each key's position: a sweep can walk every expired entry in batches without starting
+    /// over from the oldest each time.
+    pub fn expired_after(
+        &self,
+        after: Option<&ExpiryPosition>,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<(ExpiryPosition, VariantKey)>, StoreError> {
+        let rows = self.shared().index.scan_expired_after(
+            after.map(|p| p.0.as_slice()),
+            format::time_to_ms(now),
+            limit,
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|(row, k)| (ExpiryPosition(row), k))
+            .collect())
+    }
+
     /// The store's counters (read from the database, not scanned). Zeroes if it cannot be read.
     pub fn stats(&self) -> StoreStats {
         let s = self.shared();
@@ -589,6 +655,12 @@ impl Store {
         });
         stats.damaged_bodies = s.damaged.load(Ordering::Relaxed);
         stats.evictions = s.evictions.load(Ordering::Relaxed);
+        stats.rejected = s.rejected.load(Ordering::Relaxed);
+        stats.quarantined_bytes = s.quarantined_bytes.load(Ordering::Relaxed);
+        stats.usage_bytes = stats.record_bytes
+            + stats.index_bytes
+            + stats.body_file_bytes
+            + stats.quarantined_bytes;
         stats
     }
 
@@ -621,8 +693,10 @@ impl Store {
         }
     }
 
-    /// Bytes the cache holds: every record (inline bodies included) plus every distinct body
-    /// file. This is what `max_size` bounds; sled's own log overhead comes on top.
+    /// Bytes the cache holds: every record (inline bodies included), the keys and index rows of
+    /// every entry, every distinct body file, and a quarantined database copy if one is kept.
+    /// This is what `max_size` bounds; superseded versions in sled's log come on top (see
+    /// `tests/it/bounds.rs` for the measured slack).
     pub fn usage(&self) -> u64 {
         self.shared().usage()
     }
@@ -632,18 +706,102 @@ impl Store {
         self.shared().evict_to(target)
     }
 
-    /// Makes every change so far durable (sled `flush_async`), then unlinks body files released
-    /// before it.
+    /// Makes every change so far durable (buffered accesses included), then unlinks body files
+    /// released before it. The transaction, the fsync and the unlinks run on a blocking thread,
+    /// never on the async worker that awaits this.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let shared = self.shared_arc();
+        tokio::task::spawn_blocking(move || shared.flush_and_unlink())
+            .await
+            .map_err(|e| StoreError::Io {
+                path: PathBuf::new(),
+                source: std::io::Error::other(format!("store flush task failed: {e}")),
+            })?
+    }
+
+    fn shared_arc(&self) -> Arc<Shared> {
+        self.inner
+            .shared
+            .clone()
+            .expect("the store is shared until its last handle drops")
+    }
+
+    /// The schema version recorded in the database (after open: always [`CURRENT_SCHEMA`]).
+    pub fn schema_version(&self) -> Result<Option<u32>, StoreError> {
+        self.shared().index.schema_version()
+    }
+
+    /// Re-measures the quarantined database copy (an operator may have deleted it), so that
+    /// usage stops counting it. A few `stat` calls; run it from maintenance.
+    pub fn refresh_quarantine(&self) {
         let s = self.shared();
-        s.persist_touches()?;
-        let mut released = Released {
-            shared: s,
-            hashes: std::mem::take(&mut *lock(&s.released)),
+        let bytes = index::quarantined_bytes(&s.dir.join("db"));
+        s.quarantined_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// True if a record that no longer decoded was dropped or replaced since the last
+    /// [`Store::reconcile`] began: what it held in the counters and body reference counts is
+    /// still counted, until the next reconcile.
+    pub fn reconcile_wanted(&self) -> bool {
+        self.shared().index.drift_suspected()
+    }
+
+    /// Recounts the counters ([`StoreStats`]) and the body reference counts from the records and
+    /// sets right whatever drifted, logging what it fixed. Online: it walks the records in
+    /// batches of `batch`, each holding off writers only for its own duration, while the store
+    /// keeps serving, and folds in every write made meanwhile, so the result is exact. Blocking:
+    /// run it on a background thread. Stops early (to resume on a later call) once
+    /// `keep_going` returns false; `None` then.
+    pub fn reconcile(
+        &self,
+        batch: usize,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<Option<ReconcileReport>, StoreError> {
+        self.reconcile_begin();
+        while keep_going() {
+            if let Some(report) = self.reconcile_step(batch)? {
+                return Ok(Some(report));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Starts a [`Store::reconcile`] to be driven by [`Store::reconcile_step`] (no-op if one is
+    /// under way).
+    pub fn reconcile_begin(&self) {
+        self.shared().index.recount_begin();
+    }
+
+    /// One batch of a reconcile begun by [`Store::reconcile_begin`]; the report once it is done
+    /// (also when none was begun: an empty report).
+    pub fn reconcile_step(&self, batch: usize) -> Result<Option<ReconcileReport>, StoreError> {
+        let s = self.shared();
+        let (report, freed) = match s.index.recount_step(batch)? {
+            RecountStep::Idle => (Some(ReconcileReport::default()), Vec::new()),
+            RecountStep::More { freed } => (None, freed),
+            RecountStep::Done { report, freed } => (Some(report), freed),
         };
-        s.index.flush_async().await?;
-        s.unlink_released(std::mem::take(&mut released.hashes));
-        Ok(())
+        // Their stale reference is gone: unlink them after the next flush, like any release.
+        lock(&s.released).extend(freed);
+        if let Some(r) = &report {
+            if r.repaired.is_empty() && r.refs_repaired == 0 && r.undecodable == 0 {
+                tracing::debug!(records = r.records, "store counters agree with the records");
+            } else {
+                let repaired: Vec<String> = r
+                    .repaired
+                    .iter()
+                    .map(|f| format!("{} {} -> {}", f.counter, f.was, f.now))
+                    .collect();
+                tracing::warn!(
+                    records = r.records,
+                    counters = %repaired.join(", "),
+                    body_refs = r.refs_repaired,
+                    undecodable = r.undecodable,
+                    "store counters had drifted from the records; set them right"
+                );
+            }
+        }
+        Ok(report)
     }
 
     /// Deletes body files that no entry references (left by a crash between writing a body and
@@ -680,9 +838,11 @@ impl Shared {
     }
 
     fn usage(&self) -> u64 {
-        self.index
+        let db = self
+            .index
             .stats()
-            .map_or(0, |s| s.record_bytes + s.body_file_bytes)
+            .map_or(0, |s| s.record_bytes + s.index_bytes + s.body_file_bytes);
+        db + self.quarantined_bytes.load(Ordering::Relaxed)
     }
 
     /// Writes the buffered touches into the access order, in one transaction.
@@ -697,14 +857,30 @@ impl Shared {
     fn evict_to(&self, target: u64) -> Result<u64, StoreError> {
         // Recent hits must count before choosing victims.
         self.persist_touches()?;
-        let mut evicted = 0;
+        // Victims looked up more often than the entries that filled the store are spared (moved
+        // to the recent end) instead; an explicit evict_to, with no such entries, spares none.
+        let pressure = match self.pressure.swap(0, Ordering::SeqCst) {
+            0 => u8::MAX,
+            p => p,
+        };
+        // At most about one pass over the entries is spared, so that a store whose entries are
+        // all hot still gets below the target.
+        let spare_limit = self.index.stats().map_or(0, |s| s.entries);
+        let (mut evicted, mut spared) = (0u64, 0u64);
         while self.usage() > target {
             let victims = self.index.least_recently_used(64)?;
             if victims.is_empty() {
                 break;
             }
-            let before = evicted;
+            let before = (evicted, spared);
+            let mut spare = Vec::new();
             for (stamp, key) in victims {
+                let used = self.sketch.estimate(key.primary_hash());
+                if spared < spare_limit && admission::spares(used, pressure) {
+                    spared += 1;
+                    spare.push((key, self.next_stamp(0)));
+                    continue;
+                }
                 if self.remove_entry(&key, None)? {
                     evicted += 1;
                 } else {
@@ -715,12 +891,47 @@ impl Shared {
                     break;
                 }
             }
-            if evicted == before && self.index.least_recently_used(1)?.is_empty() {
+            if !spare.is_empty() {
+                self.index.touch(&spare)?;
+            }
+            if (evicted, spared) == before && self.index.least_recently_used(1)?.is_empty() {
                 break;
             }
         }
+        if spared > 0 {
+            tracing::debug!(spared, evicted, "eviction spared entries used more often");
+        }
         self.evictions.fetch_add(evicted, Ordering::Relaxed);
         Ok(evicted)
+    }
+
+    /// TinyLFU admission for a commit of `key` adding about `adding` bytes: if it would take the
+    /// store past `max_size`, the entry eviction would take first (the least recently used one
+    /// not used since the last persist) must not have been looked up more often.
+    fn admit(&self, key: &VariantKey, adding: u64) -> Result<(), StoreError> {
+        let Some(max) = self.max_size else {
+            return Ok(());
+        };
+        if self.usage().saturating_add(adding) <= max {
+            return Ok(());
+        }
+        let candidate = self.sketch.estimate(key.primary_hash());
+        let victim = {
+            let touched = lock(&self.touches);
+            self.index
+                .least_recently_used(8)?
+                .into_iter()
+                .map(|(_, k)| k)
+                .find(|k| k != key && !touched.contains_key(k))
+        };
+        if let Some(victim) = victim
+            && !admission::admits(candidate, self.sketch.estimate(victim.primary_hash()))
+        {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::NotAdmitted);
+        }
+        self.pressure.fetch_max(candidate.max(1), Ordering::SeqCst);
+        Ok(())
     }
 
     /// Evicts down to the low-water mark if the store is over `max_size`.
@@ -793,6 +1004,14 @@ impl Shared {
         if self.generation.load(Ordering::SeqCst) != generation {
             return Err(StoreError::Superseded);
         }
+        // Before the file moves into place: a refused body is just a dropped temp file.
+        let file_bytes = if entry.body.inline.is_none() {
+            entry.body.len
+        } else {
+            0
+        };
+        let adding = record.len() as u64 + index::index_bytes(entry) + file_bytes;
+        self.admit(key, adding)?;
         let mut released = lock(&self.released);
         let installed = temp.is_some();
         if let Some(temp) = temp {
