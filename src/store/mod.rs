@@ -33,7 +33,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 pub use bodies::BodyStream;
-pub use error::StoreError;
+pub use error::{LogLimit, StoreError};
 pub use format::{FormatError, MAX_INLINE_MAX};
 pub use migrate::CURRENT_SCHEMA;
 pub use reconcile::{ReconcileReport, Repair};
