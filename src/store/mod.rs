@@ -204,7 +204,9 @@ struct Shared {
     /// Body files released by committed transactions, to unlink after the next flush. Its lock
     /// also orders file installs against unlinks: an install + its reference happen under it,
     /// and an unlink re-checks the reference count under it.
-    released: Mutex<Vec<[u8; 32]>>,
+    released: Mutex<ReleasedFiles>,
+    /// Held by one flush-and-unlink at a time: each unlinks what was released before its flush.
+    flushing: Mutex<()>,
     damaged: AtomicU64,
     quarantined: Option<PathBuf>,
     /// Body files hashed whole by a range read and found intact (see [`Store::open_body_range`]).
@@ -262,7 +264,8 @@ impl Store {
             inline_max: opts.inline_max,
             generation: AtomicU64::new(0),
             purge_lock: RwLock::new(()),
-            released: Mutex::new(Vec::new()),
+            released: Mutex::new(ReleasedFiles::default()),
+            flushing: Mutex::new(()),
             damaged: AtomicU64::new(0),
             quarantined,
             touches: Mutex::new(HashMap::new()),
@@ -782,7 +785,7 @@ impl Store {
             RecountStep::Done { report, freed } => (Some(report), freed),
         };
         // Their stale reference is gone: unlink them after the next flush, like any release.
-        lock(&s.released).extend(freed);
+        lock(&s.released).extend(&freed);
         if let Some(r) = &report {
             if r.repaired.is_empty() && r.refs_repaired == 0 && r.undecodable == 0 {
                 tracing::debug!(records = r.records, "store counters agree with the records");
@@ -809,15 +812,34 @@ impl Store {
     /// maintenance, not on the request path. Returns the number of files deleted.
     pub fn sweep_orphan_bodies(&self) -> Result<u64, StoreError> {
         let s = self.shared();
-        let mut deleted = 0;
+        // An unreferenced file whose release is not durable yet may be referenced again after a
+        // crash: find the candidates, make every change so far durable, then re-check each one
+        // under the lock as `unlink_released` does (a newer release waits for its own flush).
+        let mut candidates = Vec::new();
         for (hash, path) in s.bodies.list()? {
-            let _files = lock(&s.released);
-            // A file not at its own content address is never read: delete it whatever its name.
             let orphan = match hash {
                 Some(hash) if s.bodies.path_of(&hash) == path => s.index.refcount(&hash)? == 0,
+                // A file not at its own content address is never read: delete it whatever its name.
                 _ => true,
             };
             if orphan {
+                candidates.push((hash, path));
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        s.index.flush()?;
+        let mut deleted = 0;
+        for (hash, path) in candidates {
+            let pending = lock(&s.released);
+            let still_orphan = match hash {
+                Some(hash) if s.bodies.path_of(&hash) == path => {
+                    !pending.contains(&hash) && s.index.refcount(&hash)? == 0
+                }
+                _ => true,
+            };
+            if still_orphan {
                 s.bodies.remove_path(&path)?;
                 deleted += 1;
             }
@@ -982,9 +1004,12 @@ impl Shared {
         key: &VariantKey,
         only_if_body: Option<&[u8; 32]>,
     ) -> Result<bool, StoreError> {
+        // The transaction and the note of what it freed happen under one lock, so an unlink that
+        // checks a file's reference count sees either both or neither (see `unlink_released`).
+        let mut released = lock(&self.released);
         match self.index.remove(key, only_if_body)? {
             Some(freed) => {
-                lock(&self.released).extend(freed);
+                released.extend(&freed);
                 Ok(true)
             }
             None => Ok(false),
@@ -1020,27 +1045,34 @@ impl Shared {
         let stamp = self.next_stamp(format::time_to_ms(entry.stored_at));
         match self.index.commit(key, record, entry, stamp) {
             Ok(freed) => {
-                released.extend(freed);
+                released.extend(&freed);
                 Ok(())
             }
             Err(e) => {
                 // The file is in place but nothing new references it: unlink it with the others.
                 if installed {
-                    released.push(entry.body.blake3);
+                    released.extend(&[entry.body.blake3]);
                 }
                 Err(e)
             }
         }
     }
 
-    /// Unlinks released body files that are still unreferenced. Call only once the transactions
-    /// that released them are durable.
-    fn unlink_released(&self, released: Vec<[u8; 32]>) {
-        if released.is_empty() {
-            return;
-        }
-        let _files = lock(&self.released);
-        for hash in released {
+    /// Unlinks the first `n` released body files if they are still unreferenced. Call only once
+    /// the transactions that released them are durable.
+    ///
+    /// The reference count read here is sled's in-memory state, which may be ahead of the disk.
+    /// A count of 0 is safe to act on only if it is durable: if the file was referenced again
+    /// and released again since (both after the flush), the newer release is not durable yet,
+    /// and a crash would bring back the record that references it. Such a newer release is
+    /// later in the list (every release is noted there under the lock, atomically with its
+    /// transaction), so that file waits for the flush after it.
+    fn unlink_released(&self, n: usize) {
+        let mut released = lock(&self.released);
+        for hash in released.take_first(n) {
+            if released.contains(&hash) {
+                continue;
+            }
             match self.index.refcount(&hash) {
                 Ok(0) => {
                     if let Err(e) = self.bodies.unlink(&hash) {
@@ -1056,32 +1088,56 @@ impl Shared {
 
     /// Persists buffered accesses, flushes sled, then unlinks the files released before the flush.
     fn flush_and_unlink(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = lock(&self.flushing);
         if let Err(e) = self.persist_touches() {
             tracing::warn!(error = %e, "cannot persist the access order");
         }
-        let mut released = Released {
-            shared: self,
-            hashes: std::mem::take(&mut *lock(&self.released)),
-        };
-        // On error the guard hands the hashes back: not durable yet, try again next time.
+        let before = lock(&self.released).len();
+        // On error nothing is taken from the list: not durable yet, try again next time.
         self.index.flush()?;
-        self.unlink_released(std::mem::take(&mut released.hashes));
+        self.unlink_released(before);
         Ok(())
     }
 }
 
-/// Released body files taken out for unlinking after a flush; handed back if the flush fails or
-/// its future is dropped, so that no file is forgotten.
-struct Released<'a> {
-    shared: &'a Shared,
-    hashes: Vec<[u8; 32]>,
+/// Body files released by committed transactions, oldest first, waiting for a flush before
+/// they may be unlinked. Counted per hash, so "released again since" is one lookup.
+#[derive(Default)]
+struct ReleasedFiles {
+    order: std::collections::VecDeque<[u8; 32]>,
+    count: HashMap<[u8; 32], u32>,
 }
 
-impl Drop for Released<'_> {
-    fn drop(&mut self) {
-        if !self.hashes.is_empty() {
-            lock(&self.shared.released).append(&mut self.hashes);
+impl ReleasedFiles {
+    fn extend(&mut self, hashes: &[[u8; 32]]) {
+        for hash in hashes {
+            self.order.push_back(*hash);
+            *self.count.entry(*hash).or_insert(0) += 1;
         }
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// True if `hash` has a release in the list.
+    fn contains(&self, hash: &[u8; 32]) -> bool {
+        self.count.contains_key(hash)
+    }
+
+    /// Removes and returns the `n` oldest releases.
+    fn take_first(&mut self, n: usize) -> Vec<[u8; 32]> {
+        let n = n.min(self.order.len());
+        let taken: Vec<[u8; 32]> = self.order.drain(..n).collect();
+        for hash in &taken {
+            if let Some(c) = self.count.get_mut(hash) {
+                *c -= 1;
+                if *c == 0 {
+                    self.count.remove(hash);
+                }
+            }
+        }
+        taken
     }
 }
 
