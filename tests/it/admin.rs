@@ -354,7 +354,13 @@ async fn dump_works_while_running_and_after_stop() {
         "dump", "--config", config, "--tag", "t1", "--format", "table",
     ]);
     assert_eq!(code, 0);
-    assert_eq!(out.lines().count(), 2, "{out}");
+    // Header, the one tagged entry, and the totals line.
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert_eq!(
+        out.lines().last(),
+        Some("TOTAL 1 entries, 3 bytes"),
+        "{out}"
+    );
     assert!(out.contains("/d1") && !out.contains("/d2"), "{out}");
     let (code, _, err) = run_binary(&["dump", "--config", config, "--offline"]);
     assert_ne!(code, 0);
