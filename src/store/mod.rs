@@ -13,6 +13,13 @@
 //!   record whose file is gone. A crash can leave unreferenced files, which
 //!   [`Store::sweep_orphan_bodies`] removes.
 //! - Every body is verified against its blake3 when read; damage drops the entry.
+//! - The counters and body reference counts change in the same transactions as the records;
+//!   [`Store::reconcile`] recounts them online (after start, and after a record that no longer
+//!   decoded was dropped or replaced, the one way they can drift).
+//!
+//! Mutation paths (all in `Shared`/`Index`): commit, remove (also eviction, purge, damaged
+//! bodies), update (304, soft purge), drop of an undecodable record, and reconcile (counters
+//! and reference counts only, never an entry's content).
 
 pub mod admission;
 mod bodies;

@@ -83,9 +83,16 @@ async fn eviction_keeps_disk_use_under_max_size_and_keeps_the_hot_set() {
         }
         peak = peak.max(disk_use(proxy.dir.path()));
     }
-    // Released body files are unlinked after the next store flush (500 ms).
-    actix_web::rt::time::sleep(Duration::from_millis(1200)).await;
-    let settled = disk_use(proxy.dir.path());
+    // Released body files are unlinked after the next store flush (every 500 ms; later on a
+    // loaded machine).
+    let mut settled = disk_use(proxy.dir.path());
+    for _ in 0..50 {
+        if settled <= MAX {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        settled = disk_use(proxy.dir.path());
+    }
     assert!(peak <= MAX + SLACK, "data dir peaked at {peak} bytes");
     assert!(
         settled <= MAX,
