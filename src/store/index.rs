@@ -175,7 +175,23 @@ enum Failure {
     Other(StoreError),
 }
 
+/// [`try_open_now`], waiting up to a second for a lock this process just released: sled lets go
+/// of its file lock only when its I/O threads finish with a handle that was dropped, so a
+/// reopen in the same process (a checkpoint at close, tests) can find it still held.
 fn try_open(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
+    let mut tries = 0;
+    loop {
+        match try_open_now(path, cache_capacity) {
+            Err(Failure::Other(StoreError::Locked(_))) if tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn try_open_now(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
     // sled has been seen to panic instead of erroring on some damaged logs; a panic while opening
     // is treated like reported corruption, never allowed to take the process down.
     let attempt = std::panic::catch_unwind(|| -> sled::Result<Index> {

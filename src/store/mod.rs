@@ -260,9 +260,11 @@ impl Store {
             );
         }
         // About one sketch slot per entry the bound can hold (entries of 8 KiB on average);
-        // 2 bytes each, at most 4 MiB.
+        // 2 bytes each, at most 4 MiB. At least 16 Ki slots (32 KiB): a small cache still sees
+        // many distinct URLs, and a crowded sketch over-counts one-hit URLs (a one-hit entry
+        // counted twice is spared by eviction, seen in the crash test with 1 Ki slots).
         let expected = opts.max_size.map_or(1 << 16, |m| m / 8192);
-        let sketch = FrequencySketch::new(expected.clamp(1024, 1 << 21) as usize);
+        let sketch = FrequencySketch::new(expected.clamp(1 << 14, 1 << 21) as usize);
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             cache_capacity: opts.cache_capacity,

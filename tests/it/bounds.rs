@@ -51,6 +51,10 @@ const MAX: u64 = 10 << 20;
 /// files released but not yet unlinked (they go after the next store flush, ≤ 500 ms), and
 /// sled's log. Measured here: peak 10.8 MB for a 10.49 MB bound.
 const SLACK: u64 = 2 << 20;
+/// Once settled (nothing being written, released files unlinked) only sled's log comes on top
+/// of usage: a few segments of 512 KiB, measured 0.25 to 1.5 MB here (40 records, more on a
+/// loaded machine); usage itself ends anywhere between the low-water mark and max_size.
+const SETTLED_SLACK: u64 = 2 << 20;
 
 // With max_size = 10 MiB and 30 MiB of distinct cacheable responses, the data dir stays within
 // max_size plus sled's slack, the recently used entry survives, and the oldest cold ones go.
@@ -85,9 +89,12 @@ async fn eviction_keeps_disk_use_under_max_size_and_keeps_the_hot_set() {
     }
     // Released body files are unlinked after the next store flush (every 500 ms; later on a
     // loaded machine).
+    // And the last commits' eviction may still be under way.
+    let usage_now = || async { stats(&proxy).await["usage_bytes"].as_u64().unwrap() };
     let mut settled = disk_use(proxy.dir.path());
     for _ in 0..50 {
-        if settled <= MAX {
+        let usage = usage_now().await;
+        if usage <= MAX && settled <= usage + SETTLED_SLACK {
             break;
         }
         actix_web::rt::time::sleep(Duration::from_millis(100)).await;
@@ -95,7 +102,7 @@ async fn eviction_keeps_disk_use_under_max_size_and_keeps_the_hot_set() {
     }
     assert!(peak <= MAX + SLACK, "data dir peaked at {peak} bytes");
     assert!(
-        settled <= MAX,
+        settled <= MAX + SETTLED_SLACK,
         "data dir holds {settled} bytes once settled"
     );
     let s = stats(&proxy).await;
@@ -112,8 +119,10 @@ async fn eviction_keeps_disk_use_under_max_size_and_keeps_the_hot_set() {
     assert!(usage <= MAX, "store usage {usage} over max_size");
     // The data dir holds what usage counts, plus at most sled's log slack.
     assert!(
-        settled >= usage && settled <= usage + SLACK,
-        "{settled} vs {s}"
+        settled >= usage && settled <= usage + SETTLED_SLACK,
+        "data dir {settled} B (sled {} B, bodies {} B) vs {s}",
+        disk_use(&proxy.dir.path().join("db")),
+        disk_use(&proxy.dir.path().join("bodies"))
     );
     assert!(s["evictions"].as_u64().unwrap() >= 80, "{s}");
     eprintln!("eviction: peak data dir {peak} B, settled {settled} B, usage {usage} B, stats {s}");

@@ -95,17 +95,30 @@ impl Rng {
     }
 }
 
-/// The store flushes every 500 ms; a response completed this long before the kill was flushed.
-const FLUSHED_AFTER: std::time::Duration = std::time::Duration::from_millis(1000);
+/// Makes everything the server stored so far durable: a purge answers only after the store's
+/// flush (and a purge of a URL never stored changes nothing). Returns when it answered.
+async fn flush_barrier(server: &LarderProcess) -> std::time::Instant {
+    let r = try_send(
+        "POST",
+        &format!("http://{}/purge", server.admin_addr),
+        &[("content-type", "application/json")],
+        bytes::Bytes::from_static(br#"{"url": "http://cache.example/never-stored"}"#),
+    )
+    .await
+    .expect("the admin API answers");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    std::time::Instant::now()
+}
 
 // Crash safety under eviction: rounds of {start the binary with a 2 MiB max_size, write load,
 // SIGKILL at a random moment, restart, read back every request of the round (the one in flight
 // at the kill included) and every entry present before}. No read-back may be wrong or partial:
-// only-if-cached gets the exact body or 504. And nothing committed and flushed may be lost: the
-// load writes each URL once, so eviction is plain LRU there (admission and sparing see equal
-// counts) and what survives must be the most recently used entries; a missing entry that was
-// flushed while an older one survived is lost, not evicted. The read-back server stops
-// gracefully, so its hits move the access order exactly. 20 rounds (LARDER_CRASH_ROUNDS=N for
+// only-if-cached gets the exact body or 504. And nothing committed and flushed may be lost
+// (flushed: completed before a flush barrier at a random moment of the load, or a hit in the
+// read-back server, which stops gracefully): the load writes each URL once, so eviction is
+// plain LRU there (admission and sparing see equal counts) and what survives must be the most
+// recently used entries; a missing flushed entry while an older one survived is lost, not
+// evicted. 20 rounds (LARDER_CRASH_ROUNDS=N for
 // more); the seed is printed (LARDER_CRASH_SEED=S repeats a run).
 #[actix_web::test]
 async fn sigkill_under_load_never_serves_wrong_content() {
@@ -161,13 +174,19 @@ async fn sigkill_under_load_never_serves_wrong_content() {
     let mut next = 0u64;
     let (mut written, mut checked, mut wrong, mut lost, mut evicted, mut kept) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut reported_lost = 0;
     let started = Instant::now();
     for round in 0..rounds {
         let server = LarderProcess::spawn(&args);
         let run_for = Duration::from_millis(300 + rng.next() % 1500);
+        let barrier_after = Duration::from_millis(rng.next() % run_for.as_millis() as u64);
+        let mut barrier: Option<Instant> = None;
         let round_start = next;
         let load_started = Instant::now();
         while load_started.elapsed() < run_for {
+            if barrier.is_none() && load_started.elapsed() >= barrier_after {
+                barrier = Some(flush_barrier(&server).await);
+            }
             let n = next;
             next += 1;
             let got = try_send(
@@ -238,17 +257,51 @@ async fn sigkill_under_load_never_serves_wrong_content() {
         // survives was lost by the crash.
         let oldest_survivor = survivors.iter().map(|(_, used)| *used).min();
         for (n, used, durable) in &missing {
-            let flushed = *durable || killed_at.saturating_duration_since(*used) > FLUSHED_AFTER;
+            let flushed = *durable || barrier.is_some_and(|b| *used <= b);
             if flushed && oldest_survivor.is_some_and(|oldest| oldest < *used) {
                 lost += 1;
                 eprintln!(
-                    "round {round}: /crash/{n} (size class {}) lost; used {:?} before the kill",
+                    "round {round}: /crash/{n} (size class {}) lost; last used {:?} before the kill, {}",
                     n % 4,
-                    killed_at.saturating_duration_since(*used)
+                    killed_at.saturating_duration_since(*used),
+                    if *durable {
+                        "a hit in a gracefully stopped server"
+                    } else {
+                        "stored before a flush barrier"
+                    }
                 );
             } else if flushed {
                 evicted += 1;
             }
+        }
+        if lost > reported_lost {
+            reported_lost = lost;
+            // What survived and what went, in use order, to tell a lost range from an eviction
+            // out of order.
+            let mut all: Vec<(Instant, u64, char)> = survivors
+                .iter()
+                .map(|(n, used)| (*used, *n, '+'))
+                .chain(
+                    missing
+                        .iter()
+                        .map(|(n, used, d)| (*used, *n, if *d { 'D' } else { '-' })),
+                )
+                .collect();
+            all.sort();
+            let line: Vec<String> = all
+                .iter()
+                .map(|(used, n, c)| {
+                    format!(
+                        "{c}{n}@{}ms",
+                        killed_at.saturating_duration_since(*used).as_millis()
+                    )
+                })
+                .collect();
+            eprintln!(
+                "round {round}: barrier {:?} before the kill; use order (+ present, - missing, D missing durable): {}",
+                barrier.map(|b| killed_at.saturating_duration_since(b)),
+                line.join(" ")
+            );
         }
         kept += survivors.len() as u64;
 
