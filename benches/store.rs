@@ -232,6 +232,13 @@ fn warm_start(n: u64) {
         "warm_start_reopen_plus_first_get_ms {}",
         first_get.as_secs_f64() * 1000.0
     );
+    let ok = first_get < Duration::from_secs(1);
+    println!(
+        "{}: {n} entries: reopen + first get {:.0} ms {} 1000 ms",
+        if ok { "PASS" } else { "FAIL" },
+        first_get.as_secs_f64() * 1000.0,
+        if ok { "<" } else { ">=" }
+    );
     drop(store);
     // Again (the close above checkpointed once more).
     let start = Instant::now();

@@ -281,8 +281,8 @@ async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
         .collect();
     let body = serde_json::json!({
         "entries": s.entries,
-        // What [storage] max_size bounds: records (inline bodies included) plus body files.
-        "bytes": s.record_bytes + s.body_file_bytes,
+        // What [storage] max_size bounds: records, index rows, body files (see usage_bytes).
+        "bytes": s.usage_bytes,
         // Answered from the store without waiting for the origin (fresh, or stale by permission).
         "hits": state.metrics.result_count("hit") + state.metrics.result_count("stale"),
         // Fetched from the origin for the cache (not passes, revalidations or errors).
@@ -292,7 +292,10 @@ async fn stats(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
         "body_files": s.body_files,
         "body_file_bytes": s.body_file_bytes,
         "record_bytes": s.record_bytes,
-        "usage_bytes": s.record_bytes + s.body_file_bytes,
+        "index_bytes": s.index_bytes,
+        "quarantined_bytes": s.quarantined_bytes,
+        "usage_bytes": s.usage_bytes,
+        "rejected": s.rejected,
         "evictions": s.evictions,
         "dropped_records": s.dropped_records,
         "damaged_bodies": s.damaged_bodies,
@@ -314,7 +317,7 @@ async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse
         body_file_bytes: s.body_file_bytes,
         dropped_records: s.dropped_records,
         damaged_bodies: s.damaged_bodies,
-        usage_bytes: s.record_bytes + s.body_file_bytes,
+        usage_bytes: s.usage_bytes,
         evictions: s.evictions,
     };
     HttpResponse::Ok()

@@ -93,7 +93,7 @@ pub fn dump_store(
     limit: Option<u64>,
     now: SystemTime,
 ) -> Result<u64, DumpError> {
-    let mut written = 0u64;
+    let (mut written, mut bytes) = (0u64, 0u64);
     if format == DumpFormat::Table {
         write_table_header(out)?;
     }
@@ -114,6 +114,10 @@ pub fn dump_store(
             }
         }
         written += 1;
+        bytes += entry.body.len;
+    }
+    if format == DumpFormat::Table {
+        write_table_totals(out, written, bytes)?;
     }
     out.flush()?;
     Ok(written)
@@ -175,20 +179,23 @@ pub async fn dump_via_admin(
     if format == DumpFormat::Table {
         write_table_header(out)?;
     }
-    let mut written = 0u64;
+    let (mut written, mut bytes) = (0u64, 0u64);
     let mut pending: Vec<u8> = Vec::new();
     while let Some(chunk) = response.next().await {
         let chunk = chunk.map_err(|e| DumpError::Admin(format!("entries stream broke: {e}")))?;
         pending.extend_from_slice(&chunk);
         while let Some(end) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
-            write_json_line(out, format, &line)?;
+            bytes += write_json_line(out, format, &line)?;
             written += 1;
         }
     }
     if !pending.iter().all(u8::is_ascii_whitespace) {
-        write_json_line(out, format, &pending)?;
+        bytes += write_json_line(out, format, &pending)?;
         written += 1;
+    }
+    if format == DumpFormat::Table {
+        write_table_totals(out, written, bytes)?;
     }
     out.flush()?;
     Ok(written)
@@ -202,9 +209,22 @@ fn write_table_header(out: &mut impl Write) -> std::io::Result<()> {
     )
 }
 
-fn write_json_line(out: &mut impl Write, format: DumpFormat, line: &[u8]) -> Result<(), DumpError> {
+/// The last line of a table: how many entries were listed and their body bytes.
+fn write_table_totals(out: &mut impl Write, entries: u64, bytes: u64) -> std::io::Result<()> {
+    writeln!(out, "TOTAL {entries} entries, {bytes} bytes")
+}
+
+/// Writes one entry line; returns its body size (table format only, else 0).
+fn write_json_line(
+    out: &mut impl Write,
+    format: DumpFormat,
+    line: &[u8],
+) -> Result<u64, DumpError> {
     match format {
-        DumpFormat::Jsonl => out.write_all(line)?,
+        DumpFormat::Jsonl => {
+            out.write_all(line)?;
+            Ok(0)
+        }
         DumpFormat::Table => {
             let v: serde_json::Value = serde_json::from_slice(line)
                 .map_err(|e| DumpError::Admin(format!("bad entry line from admin API: {e}")))?;
@@ -219,9 +239,9 @@ fn write_json_line(out: &mut impl Write, format: DumpFormat, line: &[u8]) -> Res
                 v["body_location"].as_str().unwrap_or("?"),
                 v["url"].as_str().unwrap_or("?")
             )?;
+            Ok(v["size"].as_u64().unwrap_or(0))
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -920,28 +920,19 @@ async fn tee(
 /// disk) are logged at most once a minute, since they repeat on every miss until fixed.
 fn store_failed(e: &StoreError, errors: Option<&prometheus::IntCounter>) {
     use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Instant;
-    // Seconds since the first failure, +1 so that 0 means "never logged".
     static FIRST: OnceLock<Instant> = OnceLock::new();
-    static LAST_LOGGED: AtomicU64 = AtomicU64::new(0);
-    match e {
-        StoreError::Io { .. } | StoreError::Db(_) => {
-            if let Some(c) = errors {
-                c.inc();
-            }
-            let now = FIRST.get_or_init(Instant::now).elapsed().as_secs() + 1;
-            let last = LAST_LOGGED.load(Ordering::Relaxed);
-            if (last == 0 || now >= last + 60)
-                && LAST_LOGGED
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                tracing::error!(error = %e, "cannot store responses (passing them through); repeats are not logged for a minute");
-            }
+    static LIMIT: crate::store::LogLimit = crate::store::LogLimit::new(60);
+    if e.is_disk_fault() {
+        if let Some(c) = errors {
+            c.inc();
         }
+        if LIMIT.allow(FIRST.get_or_init(Instant::now).elapsed().as_secs()) {
+            tracing::error!(error = %e, "cannot store responses (passing them through); repeats are not logged for a minute");
+        }
+    } else {
         // Expected outcomes: a purge raced the fetch, the origin cut the body short, ...
-        other => tracing::debug!(error = %other, "response not stored"),
+        tracing::debug!(error = %e, "response not stored");
     }
 }
 

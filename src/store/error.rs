@@ -2,6 +2,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::format::FormatError;
 
@@ -67,6 +68,10 @@ pub enum StoreError {
     /// A purge happened after this write began, so the response it carries may be what was purged.
     #[error("a purge happened while this response was being fetched; it was not stored")]
     Superseded,
+    /// The store is full and the entries eviction would have to drop are used more often than
+    /// this one (TinyLFU admission, see `store/admission.rs`); it was not stored.
+    #[error("the cache is full of entries used more often; this response was not stored")]
+    NotAdmitted,
     /// The entry could not be encoded (e.g. headers too large for a record).
     #[error("entry cannot be stored: {0}")]
     Format(#[from] FormatError),
@@ -76,9 +81,66 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True for a fault of the disk or the database (full, read-only, I/O error) rather than
+    /// an expected refusal: what an operator must hear about, and what repeats until fixed.
+    pub fn is_disk_fault(&self) -> bool {
+        matches!(self, StoreError::Io { .. } | StoreError::Db(_))
+    }
+
     /// An I/O error with the path it happened on.
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
         let path = path.into();
         move |source| StoreError::Io { path, source }
+    }
+}
+
+/// Lets a repeated error through to the log at most once per period: a full disk fails every
+/// store write, and one line a minute says so without flooding the log.
+pub struct LogLimit {
+    every_secs: u64,
+    /// When a line was last let through, in seconds + 1 (0 = never).
+    last: AtomicU64,
+}
+
+impl LogLimit {
+    /// At most one line per `every_secs` seconds.
+    pub const fn new(every_secs: u64) -> LogLimit {
+        LogLimit {
+            every_secs,
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// True if a line may be logged at `now_secs` (seconds on any clock that does not go back).
+    /// Of concurrent callers, one wins.
+    pub fn allow(&self, now_secs: u64) -> bool {
+        let stamp = now_secs.saturating_add(1);
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || stamp >= last.saturating_add(self.every_secs))
+            && self
+                .last
+                .compare_exchange(last, stamp, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_error_is_logged_at_most_once_a_minute() {
+        let limit = LogLimit::new(60);
+        assert!(limit.allow(0), "the first one is logged");
+        assert!(!limit.allow(0));
+        assert!(!limit.allow(30));
+        assert!(!limit.allow(59));
+        assert!(limit.allow(60), "a minute later");
+        assert!(!limit.allow(61));
+        assert!(!limit.allow(119));
+        assert!(limit.allow(500), "after a quiet spell, at once");
+        // Every second for ten minutes after that: 560, 620, ..., 1040.
+        let logged: Vec<u64> = (501..1100).filter(|&t| limit.allow(t)).collect();
+        assert_eq!(logged, (1..=9).map(|m| 500 + 60 * m).collect::<Vec<_>>());
     }
 }

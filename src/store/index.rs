@@ -7,14 +7,20 @@
 //! - `expiry`:   stale_until unix ms u64 BE ‖ variant key → ""   (oldest first)
 //! - `bodyrefs`: body blake3 (32 B) → u64 BE reference count (file bodies only)
 //! - `meta`:     "schema_version" → u32 BE; "stat.*" → u64 BE counters
+//! - `access`, `lru`: the access order (schema v2, `migrations/0002-access-order.md`)
 //!
 //! Every change to an entry updates all of these in ONE sled transaction, so after a crash the
 //! indexes and counters agree with the records. Index rows whose record is gone or disagrees
-//! (possible only after a record failed to decode) are deleted when a scan meets them.
+//! (possible only after a record failed to decode) are deleted when a scan meets them; the
+//! counters and reference counts such a record held are set right by a recount
+//! ([`Index::recount_step`], reconcile.rs), which the store runs in the background after start
+//! and again after a record failed to decode.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use sled::transaction::{
@@ -24,6 +30,7 @@ use sled::transaction::{
 use sled::{Db, Transactional, Tree};
 
 use super::format::{FormatError, decode_entry, encode_entry, time_to_ms};
+use super::reconcile::{Change, ReconcileReport, Recount, RecountStep, Repair, Share, Totals};
 use super::{Entry, StoreError, StoreStats};
 use crate::key::VariantKey;
 
@@ -35,9 +42,54 @@ const STAT_ENTRIES: &[u8] = b"stat.entries";
 const STAT_BODY_BYTES: &[u8] = b"stat.body_bytes";
 const STAT_FILES: &[u8] = b"stat.files";
 const STAT_FILE_BYTES: &[u8] = b"stat.file_bytes";
-/// Sum of the encoded record sizes (inline bodies included): with the body files, the bytes
-/// the cache holds, which eviction keeps under `max_size`.
+/// Sum of the encoded record sizes (inline bodies included).
 const STAT_RECORD_BYTES: &[u8] = b"stat.record_bytes";
+/// Sum of what the keys and index rows of every entry (and every reference row) take in sled,
+/// see [`index_bytes`]. With the records and the body files: the bytes the cache holds, which
+/// eviction keeps under `max_size`. Added after schema v2 shipped; a store without it gets it
+/// from the recount after start.
+const STAT_INDEX_BYTES: &[u8] = b"stat.index_bytes";
+
+/// What sled stores per row besides its key and value bytes: an item header in its leaf and its
+/// share of the leaf's own header and of the page table (sled splits leaves at 16 items).
+/// Measured in `tests/it/bounds.rs::small_entries_stay_within_max_size`; sled's log keeps
+/// superseded versions on top of that until it cleans a segment, which is its stated slack.
+pub(super) const ROW_OVERHEAD: u64 = 300;
+
+/// The `bodyrefs` row of one body file.
+pub(super) const REF_ROW_BYTES: u64 = 32 + 8 + ROW_OVERHEAD;
+
+/// Bytes the keys and index rows of `e` take in sled: its `entries` key, its `urls`, `tags`,
+/// `expiry`, `access` and `lru` rows, each with [`ROW_OVERHEAD`]. Charged to usage with the
+/// record, so that a cache of many small entries is bounded too.
+pub(super) fn index_bytes(e: &Entry) -> u64 {
+    let key = KEY_LEN as u64;
+    let tags: u64 = e.tags.iter().map(|t| 4 + t.len() as u64 + key).sum();
+    let rows = 5 + e.tags.len() as u64;
+    key + (e.url.len() as u64 + key)
+        + tags
+        + (8 + key)
+        + (key + 8)
+        + (8 + key)
+        + rows * ROW_OVERHEAD
+}
+
+/// What a record of `record_len` bytes that decodes to `entry` (or does not decode) counts for.
+fn share(record_len: usize, entry: Option<&Entry>) -> Share {
+    match entry {
+        Some(e) => Share {
+            record_bytes: record_len as u64,
+            index_bytes: index_bytes(e),
+            body_bytes: e.body.len,
+            file: is_file(e).then_some((e.body.blake3, e.body.len)),
+        },
+        // Nothing in it can be trusted but its size: the recount sets the rest right.
+        None => Share {
+            record_bytes: record_len as u64,
+            ..Share::default()
+        },
+    }
+}
 
 fn db_err(e: sled::Error) -> StoreError {
     StoreError::Db(Box::new(e))
@@ -65,6 +117,13 @@ pub(super) struct Index {
     lru: Tree,
     /// Records dropped because they did not decode, since open.
     dropped: AtomicU64,
+    /// The recount in progress, if any. Every mutation of a record holds this lock across its
+    /// transaction, and so does each recount batch: a batch sees no half-applied change, and
+    /// every change behind the walk is folded into it (see reconcile.rs).
+    recount: Mutex<Option<Recount>>,
+    /// Set when a record's share could not be subtracted (it did not decode): the counters
+    /// may be off until the next recount.
+    drift: AtomicBool,
 }
 
 /// The eight trees inside one transaction.
@@ -89,7 +148,7 @@ pub(super) fn open(
     cache_capacity: u64,
     now: SystemTime,
 ) -> Result<(Index, Option<PathBuf>), StoreError> {
-    match try_open_waiting(path, cache_capacity) {
+    match try_open(path, cache_capacity) {
         Ok(index) => Ok((index, None)),
         Err(Failure::Corrupt(why)) => {
             let aside = quarantine_path(path, now);
@@ -100,6 +159,7 @@ pub(super) fn open(
                 "store database is corrupt; moved it aside and starting with an empty cache"
             );
             std::fs::rename(path, &aside).map_err(StoreError::io(path))?;
+            prune_quarantined(path, &aside);
             match try_open(path, cache_capacity) {
                 Ok(index) => Ok((index, Some(aside))),
                 Err(Failure::Corrupt(why)) => Err(StoreError::Db(why.into())),
@@ -115,17 +175,15 @@ enum Failure {
     Other(StoreError),
 }
 
-/// How long an open waits for a lock that is held. sled releases its file lock only when the
-/// last of its internal IO jobs lets go of the database, a moment after the `Db` is dropped,
-/// so a store closed and reopened in one process (a restart in tests, the close-time
-/// checkpoint) can find it still held; another process that holds it still gets `Locked`.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-fn try_open_waiting(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
-    let started = std::time::Instant::now();
+/// [`try_open_now`], waiting up to a second for a lock this process just released: sled lets go
+/// of its file lock only when its I/O threads finish with a handle that was dropped, so a
+/// reopen in the same process (a checkpoint at close, tests) can find it still held.
+fn try_open(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
+    let mut tries = 0;
     loop {
-        match try_open(path, cache_capacity) {
-            Err(Failure::Other(StoreError::Locked(_))) if started.elapsed() < LOCK_WAIT => {
+        match try_open_now(path, cache_capacity) {
+            Err(Failure::Other(StoreError::Locked(_))) if tries < 50 => {
+                tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             other => return other,
@@ -133,7 +191,7 @@ fn try_open_waiting(path: &Path, cache_capacity: u64) -> Result<Index, Failure> 
     }
 }
 
-fn try_open(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
+fn try_open_now(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
     // sled has been seen to panic instead of erroring on some damaged logs; a panic while opening
     // is treated like reported corruption, never allowed to take the process down.
     let attempt = std::panic::catch_unwind(|| -> sled::Result<Index> {
@@ -155,6 +213,8 @@ fn try_open(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
             lru: db.open_tree("lru")?,
             db,
             dropped: AtomicU64::new(0),
+            recount: Mutex::new(None),
+            drift: AtomicBool::new(false),
         };
         // Reading one key forces recovery far enough to surface a damaged meta tree now.
         index.meta.get(SCHEMA_KEY)?;
@@ -170,7 +230,7 @@ fn try_open(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
 /// Opens and closes the database once, so that sled writes a recovery snapshot (it does so only
 /// while opening) and the next open replays only what is written after it.
 pub(super) fn checkpoint(path: &Path, cache_capacity: u64) -> Result<(), StoreError> {
-    match try_open_waiting(path, cache_capacity) {
+    match try_open(path, cache_capacity) {
         Ok(index) => index.flush(),
         Err(Failure::Corrupt(why)) => Err(StoreError::Db(why.into())),
         Err(Failure::Other(e)) => Err(e),
@@ -206,6 +266,75 @@ fn quarantine_path(path: &Path, now: SystemTime) -> PathBuf {
         n += 1;
     }
     candidate
+}
+
+/// Quarantined copies kept next to the database: the newest one, for inspection. Older ones
+/// are deleted so that repeated corruption cannot fill the disk with copies.
+const KEEP_QUARANTINED: usize = 1;
+
+/// The `<db>.corrupt-*` directories next to the database at `path`.
+fn quarantined_dirs(path: &Path) -> Vec<PathBuf> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.corrupt-", name.to_string_lossy());
+    let Ok(items) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    items
+        .flatten()
+        .filter(|i| i.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|i| i.path())
+        .collect()
+}
+
+/// Deletes quarantined copies other than `keep` beyond [`KEEP_QUARANTINED`], oldest first.
+fn prune_quarantined(path: &Path, keep: &Path) {
+    let mut others: Vec<(SystemTime, PathBuf)> = quarantined_dirs(path)
+        .into_iter()
+        .filter(|p| p != keep)
+        .map(|p| {
+            let at = std::fs::metadata(&p)
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            (at, p)
+        })
+        .collect();
+    // Newest first; the one just moved aside counts as the newest.
+    others.sort_by(|a, b| b.cmp(a));
+    for (_, old) in others.into_iter().skip(KEEP_QUARANTINED.saturating_sub(1)) {
+        match std::fs::remove_dir_all(&old) {
+            Ok(()) => tracing::warn!(
+                removed = %old.display(),
+                kept = %keep.display(),
+                "deleted an older quarantined store database (only the newest copy is kept)"
+            ),
+            Err(e) => tracing::error!(
+                path = %old.display(),
+                error = %e,
+                "cannot delete an older quarantined store database"
+            ),
+        }
+    }
+}
+
+/// Bytes of the quarantined copies next to the database at `path` (they count toward the data
+/// directory's size until an operator deletes them).
+pub(super) fn quarantined_bytes(path: &Path) -> u64 {
+    fn du(dir: &Path) -> u64 {
+        let Ok(items) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        items
+            .flatten()
+            .map(|i| match i.metadata() {
+                Ok(m) if m.is_dir() => du(&i.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    quarantined_dirs(path).iter().map(|d| du(d)).sum()
 }
 
 fn url_row(url: &str, key: &VariantKey) -> Vec<u8> {
@@ -284,6 +413,10 @@ impl Tx<'_> {
     }
 
     fn bump(&self, stat: &[u8], delta: i64) -> TxResult<()> {
+        // Every write is a record in sled's log: leave unchanged counters alone.
+        if delta == 0 {
+            return Ok(());
+        }
         let cur = self.m.get(stat)?.map_or(0, |v| be_u64(&v));
         let next = cur.saturating_add_signed(delta);
         self.m.insert(stat, &next.to_be_bytes()[..])?;
@@ -311,6 +444,7 @@ impl Tx<'_> {
                     self.r.remove(&hash[..])?;
                     self.bump(STAT_FILES, -1)?;
                     self.bump(STAT_FILE_BYTES, -(len as i64))?;
+                    self.bump(STAT_INDEX_BYTES, -(REF_ROW_BYTES as i64))?;
                 }
                 freed.push(hash);
             } else {
@@ -318,26 +452,32 @@ impl Tx<'_> {
                 if cur == 0 {
                     self.bump(STAT_FILES, 1)?;
                     self.bump(STAT_FILE_BYTES, len as i64)?;
+                    self.bump(STAT_INDEX_BYTES, REF_ROW_BYTES as i64)?;
                 }
             }
         }
         Ok(freed)
     }
 
-    /// Unindexes an existing record's rows, counters and body reference (in `deltas`).
-    fn release(
-        &self,
-        key: &VariantKey,
-        old: &Entry,
-        deltas: &mut Vec<([u8; 32], u64, i64)>,
-    ) -> TxResult<()> {
-        self.remove_rows(key, old)?;
-        self.remove_access(key)?;
-        self.bump(STAT_BODY_BYTES, -(old.body.len as i64))?;
-        if is_file(old) {
-            deltas.push((old.body.blake3, old.body.len, -1));
+    /// Moves the counters and the body reference from the share of the old record to that of
+    /// the new one (either may be absent). Returns the hashes left with no reference.
+    fn account(&self, old: Option<&Share>, new: Option<&Share>) -> TxResult<Vec<[u8; 32]>> {
+        let diff = |f: fn(&Share) -> u64| new.map_or(0, f) as i64 - old.map_or(0, f) as i64;
+        self.bump(
+            STAT_ENTRIES,
+            i64::from(new.is_some()) - i64::from(old.is_some()),
+        )?;
+        self.bump(STAT_RECORD_BYTES, diff(|s| s.record_bytes))?;
+        self.bump(STAT_INDEX_BYTES, diff(|s| s.index_bytes))?;
+        self.bump(STAT_BODY_BYTES, diff(|s| s.body_bytes))?;
+        let mut deltas = Vec::with_capacity(2);
+        if let Some((hash, len)) = old.and_then(|s| s.file) {
+            deltas.push((hash, len, -1));
         }
-        Ok(())
+        if let Some((hash, len)) = new.and_then(|s| s.file) {
+            deltas.push((hash, len, 1));
+        }
+        self.apply_refs(&deltas)
     }
 }
 
@@ -395,6 +535,37 @@ impl Index {
         self.entries.is_empty()
     }
 
+    /// Runs one mutation of the record of `key` as a transaction, holding the recount lock so
+    /// that a recount in progress folds the change in (see reconcile.rs).
+    fn mutate<T>(
+        &self,
+        key: &VariantKey,
+        f: impl Fn(&Tx<'_>) -> TxResult<(T, Change)>,
+    ) -> Result<T, StoreError> {
+        let mut recount = self.recount.lock().unwrap_or_else(|e| e.into_inner());
+        let (out, change) = self.txn(f)?;
+        if let Some(r) = recount.as_mut() {
+            r.observe(key.as_bytes(), &change);
+        }
+        Ok(out)
+    }
+
+    /// The share of the record `bytes` of `key`, unindexing its rows if it decodes. One that no
+    /// longer decodes keeps its rows until a scan heals them, and what it held in the counters
+    /// and reference counts until the next recount (flagged here): nothing wrong is served.
+    fn unindex(&self, tx: &Tx<'_>, key: &VariantKey, bytes: &[u8]) -> TxResult<Share> {
+        match decode_entry(bytes) {
+            Ok(old) => {
+                tx.remove_rows(key, &old)?;
+                Ok(share(bytes.len(), Some(&old)))
+            }
+            Err(_) => {
+                self.drift.store(true, Ordering::SeqCst);
+                Ok(share(bytes.len(), None))
+            }
+        }
+    }
+
     /// Inserts or replaces the record of `key` (already encoded as `record`) with all its index
     /// rows, counters and body reference, releasing whatever the old record held.
     /// Returns the body hashes left unreferenced.
@@ -405,29 +576,21 @@ impl Index {
         new: &Entry,
         access_stamp: u64,
     ) -> Result<Vec<[u8; 32]>, StoreError> {
-        self.txn(|tx| {
-            let mut deltas = Vec::with_capacity(2);
-            match tx.e.get(key.as_bytes())? {
-                Some(old) => {
-                    tx.bump(STAT_RECORD_BYTES, -(old.len() as i64))?;
-                    // An old record that no longer decodes keeps its rows until a scan heals them,
-                    // and its body reference leaks until an orphan sweep: nothing wrong is served.
-                    if let Ok(old) = decode_entry(&old) {
-                        tx.release(key, &old, &mut deltas)?;
-                    }
-                }
-                None => tx.bump(STAT_ENTRIES, 1)?,
-            }
-            tx.bump(STAT_RECORD_BYTES, record.len() as i64)?;
+        let new_share = share(record.len(), Some(new));
+        self.mutate(key, |tx| {
+            let old = match tx.e.get(key.as_bytes())? {
+                Some(bytes) => Some(self.unindex(tx, key, &bytes)?),
+                None => None,
+            };
             tx.insert_access(key, access_stamp)?;
             tx.insert_rows(key, new)?;
-            tx.bump(STAT_BODY_BYTES, new.body.len as i64)?;
-            if is_file(new) {
-                deltas.push((new.body.blake3, new.body.len, 1));
-            }
-            let freed = tx.apply_refs(&deltas)?;
+            let freed = tx.account(old.as_ref(), Some(&new_share))?;
             tx.e.insert(&key.as_bytes()[..], record)?;
-            Ok(freed)
+            let change = Change {
+                old,
+                new: Some(new_share),
+            };
+            Ok((freed, change))
         })
     }
 
@@ -439,23 +602,24 @@ impl Index {
         key: &VariantKey,
         only_if_body: Option<&[u8; 32]>,
     ) -> Result<Option<Vec<[u8; 32]>>, StoreError> {
-        self.txn(|tx| {
-            let Some(old) = tx.e.get(key.as_bytes())? else {
-                return Ok(None);
+        self.mutate(key, |tx| {
+            let Some(bytes) = tx.e.get(key.as_bytes())? else {
+                return Ok((None, Change::default()));
             };
-            let mut deltas = Vec::with_capacity(1);
-            let record_len = old.len() as i64;
-            if let Ok(old) = decode_entry(&old) {
-                if only_if_body.is_some_and(|h| *h != old.body.blake3) {
-                    return Ok(None);
-                }
-                tx.release(key, &old, &mut deltas)?;
+            if let (Some(want), Ok(old)) = (only_if_body, decode_entry(&bytes))
+                && *want != old.body.blake3
+            {
+                return Ok((None, Change::default()));
             }
+            let old = self.unindex(tx, key, &bytes)?;
             tx.remove_access(key)?;
-            tx.bump(STAT_RECORD_BYTES, -record_len)?;
-            tx.bump(STAT_ENTRIES, -1)?;
             tx.e.remove(&key.as_bytes()[..])?;
-            Ok(Some(tx.apply_refs(&deltas)?))
+            let freed = tx.account(Some(&old), None)?;
+            let change = Change {
+                old: Some(old),
+                new: None,
+            };
+            Ok((Some(freed), change))
         })
     }
 
@@ -467,18 +631,18 @@ impl Index {
         only_if_body: Option<&[u8; 32]>,
         change: &dyn Fn(&mut Entry),
     ) -> Result<bool, StoreError> {
-        let found = self.txn(|tx| {
-            let Some(old) = tx.e.get(key.as_bytes())? else {
-                return Ok(Found::Gone);
+        let found = self.mutate(key, |tx| {
+            let Some(bytes) = tx.e.get(key.as_bytes())? else {
+                return Ok((Found::Gone, Change::default()));
             };
-            let old = match decode_entry(&old) {
+            let old = match decode_entry(&bytes) {
                 Ok(old) => old,
-                Err(e) => return Ok(Found::Undecodable(e)),
+                Err(e) => return Ok((Found::Undecodable(e), Change::default())),
             };
             // Replaced by another body since the caller read it: the change was meant for that
             // older response, not for this one.
             if only_if_body.is_some_and(|h| *h != old.body.blake3) {
-                return Ok(Found::Gone);
+                return Ok((Found::Gone, Change::default()));
             }
             let mut new = old.clone();
             change(&mut new);
@@ -489,10 +653,18 @@ impl Index {
             };
             tx.remove_rows(key, &old)?;
             tx.insert_rows(key, &new)?;
-            if let Some(prev) = tx.e.insert(&key.as_bytes()[..], record.as_slice())? {
-                tx.bump(STAT_RECORD_BYTES, record.len() as i64 - prev.len() as i64)?;
-            }
-            Ok(Found::Done(()))
+            tx.e.insert(&key.as_bytes()[..], record.as_slice())?;
+            let (old, new) = (
+                share(bytes.len(), Some(&old)),
+                share(record.len(), Some(&new)),
+            );
+            // Same body: no reference changes, nothing freed.
+            tx.account(Some(&old), Some(&new))?;
+            let change = Change {
+                old: Some(old),
+                new: Some(new),
+            };
+            Ok((Found::Done(()), change))
         })?;
         match found {
             Found::Done(()) => Ok(true),
@@ -521,17 +693,22 @@ impl Index {
     fn drop_undecodable(&self, key: &VariantKey, why: &FormatError) -> Result<(), StoreError> {
         tracing::warn!(key = %key.to_hex(), error = %why, "dropping undecodable store record");
         self.dropped.fetch_add(1, Ordering::Relaxed);
-        self.txn(|tx| {
+        self.mutate(key, |tx| {
             // Re-check inside the transaction: a writer may have replaced it meanwhile.
-            if let Some(bytes) = tx.e.get(key.as_bytes())?
-                && decode_entry(&bytes).is_err()
-            {
-                tx.e.remove(&key.as_bytes()[..])?;
-                tx.remove_access(key)?;
-                tx.bump(STAT_RECORD_BYTES, -(bytes.len() as i64))?;
-                tx.bump(STAT_ENTRIES, -1)?;
+            match tx.e.get(key.as_bytes())? {
+                Some(bytes) if decode_entry(&bytes).is_err() => {
+                    let old = self.unindex(tx, key, &bytes)?;
+                    tx.e.remove(&key.as_bytes()[..])?;
+                    tx.remove_access(key)?;
+                    tx.account(Some(&old), None)?;
+                    let change = Change {
+                        old: Some(old),
+                        new: None,
+                    };
+                    Ok(((), change))
+                }
+                _ => Ok(((), Change::default())),
             }
-            Ok(())
         })
     }
 
@@ -578,6 +755,18 @@ impl Index {
         key_at: usize,
         matches: impl Fn(&[u8], &Entry) -> bool + 'a,
     ) -> impl Iterator<Item = Result<(VariantKey, Entry), StoreError>> + 'a {
+        self.resolve_rows_with_row(tree, iter, key_at, matches)
+            .map(|r| r.map(|(_, key, e)| (key, e)))
+    }
+
+    /// [`Index::resolve_rows`], with each row.
+    fn resolve_rows_with_row<'a>(
+        &'a self,
+        tree: &'a Tree,
+        iter: sled::Iter,
+        key_at: usize,
+        matches: impl Fn(&[u8], &Entry) -> bool + 'a,
+    ) -> impl Iterator<Item = Result<(sled::IVec, VariantKey, Entry), StoreError>> + 'a {
         iter.filter_map(move |item| {
             let row = match item {
                 Ok((row, _)) => row,
@@ -593,7 +782,7 @@ impl Index {
             };
             match self.get(&key) {
                 Err(e) => Some(Err(e)),
-                Ok(Some(e)) if matches(&row, &e) => Some(Ok((key, e))),
+                Ok(Some(e)) if matches(&row, &e) => Some(Ok((row, key, e))),
                 Ok(_) => self.heal(tree, &row, &key, &matches).err().map(Err),
             }
         })
@@ -652,14 +841,29 @@ impl Index {
         until_ms: u64,
         limit: usize,
     ) -> Result<Vec<VariantKey>, StoreError> {
-        let iter = match until_ms.checked_add(1) {
-            Some(end) => self.expiry.range(..end.to_be_bytes().to_vec()),
-            None => self.expiry.iter(),
-        };
-        let rows = self.resolve_rows(&self.expiry, iter, 8, |row, e| {
+        let rows = self.scan_expired_after(None, until_ms, limit)?;
+        Ok(rows.into_iter().map(|(_, k)| k).collect())
+    }
+
+    /// Like [`Index::scan_expired`], starting after `after` (an expiry row returned by an
+    /// earlier call), with each key's row, so that a sweep can resume where it stopped.
+    pub(super) fn scan_expired_after(
+        &self,
+        after: Option<&[u8]>,
+        until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, VariantKey)>, StoreError> {
+        let lo = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_vec()));
+        let hi = until_ms.checked_add(1).map_or(Bound::Unbounded, |end| {
+            Bound::Excluded(end.to_be_bytes().to_vec())
+        });
+        let iter = self.expiry.range::<Vec<u8>, _>((lo, hi));
+        let rows = self.resolve_rows_with_row(&self.expiry, iter, 8, |row, e| {
             row.len() == 8 + KEY_LEN && be_u64(&row[..8]) == expiry_ms(e)
         });
-        rows.take(limit).map(|r| r.map(|(k, _)| k)).collect()
+        rows.take(limit)
+            .map(|r| r.map(|(row, k, _)| (row.to_vec(), k)))
+            .collect()
     }
 
     /// How many entries reference the body file `hash`.
@@ -737,15 +941,17 @@ impl Index {
     }
 
     /// Schema v1 → v2: gives every entry an access-order position (its stored time) and
-    /// computes the record-bytes counter. Idempotent, so an interrupted run can repeat.
+    /// computes the record-bytes (and index-bytes) counters. Idempotent, so an interrupted run can repeat.
     pub(super) fn seed_access_order(&self) -> Result<(), StoreError> {
         let mut record_bytes = 0u64;
+        let mut index = REF_ROW_BYTES * self.refs.len() as u64;
         for item in self.entries.iter() {
             let (k, v) = item.map_err(db_err)?;
             record_bytes += v.len() as u64;
             let (Some(key), Ok(entry)) = (VariantKey::from_bytes(&k), decode_entry(&v)) else {
                 continue;
             };
+            index += index_bytes(&entry);
             let ms = time_to_ms(entry.stored_at);
             // Both rows in one transaction: an interrupted upgrade re-runs this step, and an
             // entry must never keep an access row without its place in the order.
@@ -762,33 +968,206 @@ impl Index {
         self.meta
             .insert(STAT_RECORD_BYTES, &record_bytes.to_be_bytes()[..])
             .map_err(db_err)?;
+        self.meta
+            .insert(STAT_INDEX_BYTES, &index.to_be_bytes()[..])
+            .map_err(db_err)?;
         self.flush()
     }
 
     /// The persistent counters.
     pub(super) fn stats(&self) -> Result<StoreStats, StoreError> {
-        let get = |k: &[u8]| -> Result<u64, StoreError> {
-            Ok(self.meta.get(k).map_err(db_err)?.map_or(0, |v| be_u64(&v)))
-        };
+        let t = self.counters()?;
         Ok(StoreStats {
-            entries: get(STAT_ENTRIES)?,
-            body_bytes: get(STAT_BODY_BYTES)?,
-            body_files: get(STAT_FILES)?,
-            body_file_bytes: get(STAT_FILE_BYTES)?,
-            record_bytes: get(STAT_RECORD_BYTES)?,
+            entries: t.entries,
+            body_bytes: t.body_bytes,
+            body_files: t.files,
+            body_file_bytes: t.file_bytes,
+            record_bytes: t.record_bytes,
+            index_bytes: t.index_bytes,
             dropped_records: self.dropped.load(Ordering::Relaxed),
             ..StoreStats::default()
         })
     }
 
+    fn counters(&self) -> Result<Totals, StoreError> {
+        let get = |k: &[u8]| -> Result<u64, StoreError> {
+            Ok(self.meta.get(k).map_err(db_err)?.map_or(0, |v| be_u64(&v)))
+        };
+        Ok(Totals {
+            entries: get(STAT_ENTRIES)?,
+            record_bytes: get(STAT_RECORD_BYTES)?,
+            index_bytes: get(STAT_INDEX_BYTES)?,
+            body_bytes: get(STAT_BODY_BYTES)?,
+            files: get(STAT_FILES)?,
+            file_bytes: get(STAT_FILE_BYTES)?,
+        })
+    }
+
+    /// True if a record's share could not be subtracted since the last recount began.
+    pub(super) fn drift_suspected(&self) -> bool {
+        self.drift.load(Ordering::SeqCst)
+    }
+
+    /// Starts a recount unless one runs. Drift from here on is folded into this one.
+    pub(super) fn recount_begin(&self) {
+        let mut recount = self.recount.lock().unwrap_or_else(|e| e.into_inner());
+        if recount.is_none() {
+            self.drift.store(false, Ordering::SeqCst);
+            *recount = Some(Recount::default());
+        }
+    }
+
+    /// One batch of the recount begun by [`Index::recount_begin`]: up to `batch` records, or
+    /// up to `batch` reference rows once every record is counted, or at last the counters.
+    /// Each batch holds the recount lock (so writers wait for at most one batch).
+    pub(super) fn recount_step(&self, batch: usize) -> Result<RecountStep, StoreError> {
+        let batch = batch.max(1);
+        let mut guard = self.recount.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(r) = guard.as_mut() else {
+            return Ok(RecountStep::Idle);
+        };
+        if !r.records_done {
+            let lo = r.after.clone().map_or(Bound::Unbounded, Bound::Excluded);
+            let mut seen = 0;
+            let mut undecodable = Vec::new();
+            for item in self
+                .entries
+                .range::<Vec<u8>, _>((lo, Bound::Unbounded))
+                .take(batch)
+            {
+                let (k, v) = item.map_err(db_err)?;
+                seen += 1;
+                r.after = Some(k.to_vec());
+                // A malformed key is no entry: the counters never held it.
+                let Some(key) = VariantKey::from_bytes(&k) else {
+                    continue;
+                };
+                r.scanned += 1;
+                match decode_entry(&v) {
+                    Ok(e) => r.add(&share(v.len(), Some(&e))),
+                    Err(why) => {
+                        r.add(&share(v.len(), None));
+                        r.undecodable += 1;
+                        undecodable.push((key, why));
+                    }
+                }
+            }
+            r.records_done = seen < batch;
+            drop(guard);
+            // Counted above as present: dropping them now goes through the recount like any
+            // other removal behind the walk.
+            for (key, why) in &undecodable {
+                self.drop_undecodable(key, why)?;
+            }
+            return Ok(RecountStep::More { freed: Vec::new() });
+        }
+        let lo = r
+            .refs_after
+            .map_or(Bound::Unbounded, |h| Bound::Excluded(h.to_vec()));
+        let mut rows = Vec::with_capacity(batch);
+        for item in self
+            .refs
+            .range::<Vec<u8>, _>((lo, Bound::Unbounded))
+            .take(batch)
+        {
+            let (k, v) = item.map_err(db_err)?;
+            rows.push((k, be_u64(&v)));
+        }
+        let full = rows.len() == batch;
+        let upto = match rows.last() {
+            Some((k, _)) if full => Some(<[u8; 32]>::try_from(k.as_ref()).unwrap_or([0xff; 32])),
+            _ => None,
+        };
+        let mut fix = sled::Batch::default();
+        let mut freed = Vec::new();
+        let mut seen_rows = std::collections::HashSet::new();
+        for (k, have) in &rows {
+            let Ok(hash) = <[u8; 32]>::try_from(k.as_ref()) else {
+                // Not a hash: no entry can reference it.
+                fix.remove(k.clone());
+                r.refs_repaired += 1;
+                continue;
+            };
+            seen_rows.insert(hash);
+            let want = r.refcount(&hash);
+            if want != *have {
+                r.refs_repaired += 1;
+                if want == 0 {
+                    fix.remove(&hash[..]);
+                    freed.push(hash);
+                } else {
+                    fix.insert(&hash[..], &want.to_be_bytes()[..]);
+                }
+            }
+        }
+        // Referenced by records but without a row: a later removal would free a file in use.
+        for hash in r.hashes_between(r.refs_after, upto) {
+            if !seen_rows.contains(&hash) {
+                r.refs_repaired += 1;
+                fix.insert(&hash[..], &r.refcount(&hash).to_be_bytes()[..]);
+            }
+        }
+        self.refs.apply_batch(fix).map_err(db_err)?;
+        r.refs_after = upto;
+        if full {
+            return Ok(RecountStep::More { freed });
+        }
+        let want = r.totals(REF_ROW_BYTES);
+        let have = self.counters()?;
+        let mut repaired = Vec::new();
+        let mut fix = sled::Batch::default();
+        for (name, stat, was, now) in [
+            ("entries", STAT_ENTRIES, have.entries, want.entries),
+            (
+                "record_bytes",
+                STAT_RECORD_BYTES,
+                have.record_bytes,
+                want.record_bytes,
+            ),
+            (
+                "index_bytes",
+                STAT_INDEX_BYTES,
+                have.index_bytes,
+                want.index_bytes,
+            ),
+            (
+                "body_bytes",
+                STAT_BODY_BYTES,
+                have.body_bytes,
+                want.body_bytes,
+            ),
+            ("body_files", STAT_FILES, have.files, want.files),
+            (
+                "body_file_bytes",
+                STAT_FILE_BYTES,
+                have.file_bytes,
+                want.file_bytes,
+            ),
+        ] {
+            if was != now {
+                fix.insert(stat, &now.to_be_bytes()[..]);
+                repaired.push(Repair {
+                    counter: name,
+                    was,
+                    now,
+                });
+            }
+        }
+        self.meta.apply_batch(fix).map_err(db_err)?;
+        let report = ReconcileReport {
+            records: r.scanned,
+            repaired,
+            refs_repaired: r.refs_repaired,
+            undecodable: r.undecodable,
+        };
+        *guard = None;
+        self.drift.store(false, Ordering::SeqCst);
+        Ok(RecountStep::Done { report, freed })
+    }
+
     /// Makes every write so far durable (fsync), blocking.
     pub(super) fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map(drop).map_err(db_err)
-    }
-
-    /// Makes every write so far durable on sled's own thread pool.
-    pub(super) async fn flush_async(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map(drop).map_err(db_err)
     }
 }
 
@@ -808,6 +1187,28 @@ pub(super) mod tests {
     /// Writes raw bytes as the record of `key`, bypassing encoding and indexes.
     pub(in crate::store) fn put_raw(index: &Index, key: &VariantKey, bytes: &[u8]) {
         index.entries.insert(key.as_bytes(), bytes).unwrap();
+    }
+
+    /// Overwrites a persistent counter (`"entries"`, `"index_bytes"`, ... as in `stat.*`).
+    pub(in crate::store) fn set_counter(index: &Index, name: &str, value: u64) {
+        let key = match name {
+            "entries" => STAT_ENTRIES,
+            "record_bytes" => STAT_RECORD_BYTES,
+            "index_bytes" => STAT_INDEX_BYTES,
+            "body_bytes" => STAT_BODY_BYTES,
+            "body_files" => STAT_FILES,
+            "body_file_bytes" => STAT_FILE_BYTES,
+            other => panic!("no counter {other}"),
+        };
+        index.meta.insert(key, &value.to_be_bytes()[..]).unwrap();
+    }
+
+    /// Overwrites the reference count of a body file.
+    pub(in crate::store) fn set_refcount(index: &Index, hash: &[u8; 32], count: u64) {
+        index
+            .refs
+            .insert(&hash[..], &count.to_be_bytes()[..])
+            .unwrap();
     }
 
     #[test]

@@ -13,17 +13,26 @@
 //!   record whose file is gone. A crash can leave unreferenced files, which
 //!   [`Store::sweep_orphan_bodies`] removes.
 //! - Every body is verified against its blake3 when read; damage drops the entry.
+//! - The counters and body reference counts change in the same transactions as the records;
+//!   [`Store::reconcile`] recounts them online (after start, and after a record that no longer
+//!   decoded was dropped or replaced, the one way they can drift).
+//!
+//! Mutation paths (all in `Shared`/`Index`): commit, remove (also eviction, purge, damaged
+//! bodies), update (304, soft purge), drop of an undecodable record, and reconcile (counters
+//! and reference counts only, never an entry's content).
 
+pub mod admission;
 mod bodies;
 mod error;
 mod format;
 mod hot;
 mod index;
 mod migrate;
+mod reconcile;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -32,10 +41,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 pub use bodies::BodyStream;
-pub use error::StoreError;
+pub use error::{LogLimit, StoreError};
 pub use format::{FormatError, MAX_INLINE_MAX};
 pub use hot::{Variant, Variants};
 pub use migrate::CURRENT_SCHEMA;
+pub use reconcile::{ReconcileReport, Repair};
 
 /// Fuzzing entry (fuzz/record_decode): the record decoder on arbitrary bytes. Not an API.
 #[doc(hidden)]
@@ -49,8 +59,10 @@ pub fn fuzz_encode_record(entry: &Entry) -> Result<Vec<u8>, FormatError> {
     format::encode_entry(entry)
 }
 
+use admission::FrequencySketch;
 use bodies::{Bodies, SpillFile};
 use index::Index;
+use reconcile::RecountStep;
 
 use crate::key::{PrimaryKey, VariantKey};
 use crate::policy::{Freshness, HeaderList};
@@ -68,7 +80,9 @@ pub struct StoreOptions {
     /// [`Store::flush`] and close. Default `Some(500)`.
     pub flush_every_ms: Option<u64>,
     /// Bound on [`Store::usage`]; past it, least recently used entries are evicted down to
-    /// [`EVICT_TO_PERCENT`] of it. `None` = unbounded. Default `None`.
+    /// [`EVICT_TO_PERCENT`] of it, sparing those used more often than the newcomers, and a
+    /// newcomer used less often than the entry it would displace is not stored (TinyLFU, see
+    /// admission.rs). `None` = unbounded. Default `None`.
     pub max_size: Option<u64>,
     /// Bytes of the in-memory hot tier (decoded records and verified bodies of recently used
     /// URLs; bodies up to 3/32 of it are kept whole). `0` = off. Default 0.
@@ -94,6 +108,10 @@ pub const EVICT_TO_PERCENT: u64 = 90;
 /// Touches buffered in memory before older ones are dropped (the order is a hint; losing a
 /// few under extreme load only makes eviction slightly less precise).
 const MAX_PENDING_TOUCHES: usize = 100_000;
+
+/// Where an entry sits in the expiry order (see [`Store::expired_after`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpiryPosition(Vec<u8>);
 
 /// One stored response (one variant of one URL).
 #[derive(Clone, Debug, PartialEq)]
@@ -145,8 +163,18 @@ pub struct StoreStats {
     pub damaged_bodies: u64,
     /// Bytes of all encoded records (headers, metadata, inline bodies).
     pub record_bytes: u64,
+    /// Bytes of the keys and index rows of every entry and body file in the database, with
+    /// sled's per-row overhead (see `index::index_bytes`).
+    pub index_bytes: u64,
+    /// Bytes of the quarantined copy of a corrupt database, if one is kept (`db.corrupt-*`).
+    pub quarantined_bytes: u64,
+    /// What `max_size` bounds ([`Store::usage`]): records + index rows + body files +
+    /// quarantined copy.
+    pub usage_bytes: u64,
     /// Entries evicted since open to stay under `max_size`.
     pub evictions: u64,
+    /// Entries not stored since open because the store was full of entries used more often.
+    pub rejected: u64,
 }
 
 /// A handle to an open store. Cheap to clone; all clones share one database. Send + Sync.
@@ -177,6 +205,14 @@ struct Shared {
     stamp: AtomicU64,
     max_size: Option<u64>,
     evictions: AtomicU64,
+    rejected: AtomicU64,
+    /// How often each URL (primary hash) was looked up lately: eviction's sense of value.
+    sketch: FrequencySketch,
+    /// The highest lookup count among entries stored over budget since the last eviction:
+    /// eviction spares victims used more often than that.
+    pressure: AtomicU8,
+    /// See [`StoreStats::quarantined_bytes`]; measured at open and by [`Store::refresh_quarantine`].
+    quarantined_bytes: AtomicU64,
     /// Set by a commit that left the store over `max_size`; the flusher thread evicts.
     over_budget: AtomicBool,
     dir: PathBuf,
@@ -193,7 +229,9 @@ struct Shared {
     /// Body files released by committed transactions, to unlink after the next flush. Its lock
     /// also orders file installs against unlinks: an install + its reference happen under it,
     /// and an unlink re-checks the reference count under it.
-    released: Mutex<Vec<[u8; 32]>>,
+    released: Mutex<ReleasedFiles>,
+    /// Held by one flush-and-unlink at a time: each unlinks what was released before its flush.
+    flushing: Mutex<()>,
     damaged: AtomicU64,
     quarantined: Option<PathBuf>,
     /// Body files hashed whole (by their writer, or by a range read) and found intact (see
@@ -235,6 +273,19 @@ impl Store {
         // Only now that we hold the database lock is it safe to clear another run's temp files.
         let bodies = Bodies::open(&dir.join("bodies"))?;
         let newest_stamp = index.newest_access_stamp()?;
+        let quarantined_bytes = index::quarantined_bytes(&dir.join("db"));
+        if quarantined_bytes > 0 {
+            tracing::warn!(
+                bytes = quarantined_bytes,
+                "a quarantined copy of a corrupt store database is kept in the data directory and counts toward max_size; delete the db.corrupt-* directory once inspected"
+            );
+        }
+        // About one sketch slot per entry the bound can hold (entries of 8 KiB on average);
+        // 2 bytes each, at most 4 MiB. At least 16 Ki slots (32 KiB): a small cache still sees
+        // many distinct URLs, and a crowded sketch over-counts one-hit URLs (a one-hit entry
+        // counted twice is spared by eviction, seen in the crash test with 1 Ki slots).
+        let expected = opts.max_size.map_or(1 << 16, |m| m / 8192);
+        let sketch = FrequencySketch::new(expected.clamp(1 << 14, 1 << 21) as usize);
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             cache_capacity: opts.cache_capacity,
@@ -243,13 +294,18 @@ impl Store {
             inline_max: opts.inline_max,
             generation: AtomicU64::new(0),
             purge_lock: RwLock::new(()),
-            released: Mutex::new(Vec::new()),
+            released: Mutex::new(ReleasedFiles::default()),
+            flushing: Mutex::new(()),
             damaged: AtomicU64::new(0),
             quarantined,
             touches: Mutex::new(HashMap::new()),
             stamp: AtomicU64::new(newest_stamp),
             max_size: opts.max_size,
             evictions: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            sketch,
+            pressure: AtomicU8::new(0),
+            quarantined_bytes: AtomicU64::new(quarantined_bytes),
             over_budget: AtomicBool::new(false),
             verified: bodies::Verified::default(),
             hot: hot::Hot::new(opts.hot_cache),
@@ -283,8 +339,10 @@ impl Store {
     }
 
     /// Every stored variant of a URL (a prefix scan on the primary hash). Undecodable records are
-    /// deleted, logged and skipped.
+    /// deleted, logged and skipped. Counts the lookup for eviction (memory only), hit or miss:
+    /// the proxy calls this once per request.
     pub fn variants(&self, primary: &PrimaryKey) -> Result<Vec<(VariantKey, Entry)>, StoreError> {
+        self.shared().sketch.record(primary.hash());
         self.shared().index.scan_primary(primary.hash()).collect()
     }
 
@@ -292,6 +350,8 @@ impl Store {
     /// else read from the index (and kept in the hot tier).
     pub fn lookup(&self, primary: &PrimaryKey) -> Result<Variants, StoreError> {
         let s = self.shared();
+        // Every lookup, hit or miss, counts for eviction (TinyLFU, memory only).
+        s.sketch.record(primary.hash());
         if let Some(hit) = s.hot.records(primary.hash()) {
             return Ok(hit);
         }
@@ -673,6 +733,26 @@ impl Store {
             .scan_expired(format::time_to_ms(now), limit)
     }
 
+    /// Like [`Store::expired`], resuming after `after` (a position from an earlier call), with
+    /// each key's position: a sweep can walk every expired entry in batches without starting
+    /// over from the oldest each time.
+    pub fn expired_after(
+        &self,
+        after: Option<&ExpiryPosition>,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<(ExpiryPosition, VariantKey)>, StoreError> {
+        let rows = self.shared().index.scan_expired_after(
+            after.map(|p| p.0.as_slice()),
+            format::time_to_ms(now),
+            limit,
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|(row, k)| (ExpiryPosition(row), k))
+            .collect())
+    }
+
     /// The store's counters (read from the database, not scanned). Zeroes if it cannot be read.
     pub fn stats(&self) -> StoreStats {
         let s = self.shared();
@@ -682,6 +762,12 @@ impl Store {
         });
         stats.damaged_bodies = s.damaged.load(Ordering::Relaxed);
         stats.evictions = s.evictions.load(Ordering::Relaxed);
+        stats.rejected = s.rejected.load(Ordering::Relaxed);
+        stats.quarantined_bytes = s.quarantined_bytes.load(Ordering::Relaxed);
+        stats.usage_bytes = stats.record_bytes
+            + stats.index_bytes
+            + stats.body_file_bytes
+            + stats.quarantined_bytes;
         stats
     }
 
@@ -714,8 +800,10 @@ impl Store {
         }
     }
 
-    /// Bytes the cache holds: every record (inline bodies included) plus every distinct body
-    /// file. This is what `max_size` bounds; sled's own log overhead comes on top.
+    /// Bytes the cache holds: every record (inline bodies included), the keys and index rows of
+    /// every entry, every distinct body file, and a quarantined database copy if one is kept.
+    /// This is what `max_size` bounds; superseded versions in sled's log come on top (see
+    /// `tests/it/bounds.rs` for the measured slack).
     pub fn usage(&self) -> u64 {
         self.shared().usage()
     }
@@ -725,18 +813,102 @@ impl Store {
         self.shared().evict_to(target)
     }
 
-    /// Makes every change so far durable (sled `flush_async`), then unlinks body files released
-    /// before it.
+    /// Makes every change so far durable (buffered accesses included), then unlinks body files
+    /// released before it. The transaction, the fsync and the unlinks run on a blocking thread,
+    /// never on the async worker that awaits this.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let shared = self.shared_arc();
+        tokio::task::spawn_blocking(move || shared.flush_and_unlink())
+            .await
+            .map_err(|e| StoreError::Io {
+                path: PathBuf::new(),
+                source: std::io::Error::other(format!("store flush task failed: {e}")),
+            })?
+    }
+
+    fn shared_arc(&self) -> Arc<Shared> {
+        self.inner
+            .shared
+            .clone()
+            .expect("the store is shared until its last handle drops")
+    }
+
+    /// The schema version recorded in the database (after open: always [`CURRENT_SCHEMA`]).
+    pub fn schema_version(&self) -> Result<Option<u32>, StoreError> {
+        self.shared().index.schema_version()
+    }
+
+    /// Re-measures the quarantined database copy (an operator may have deleted it), so that
+    /// usage stops counting it. A few `stat` calls; run it from maintenance.
+    pub fn refresh_quarantine(&self) {
         let s = self.shared();
-        s.persist_touches()?;
-        let mut released = Released {
-            shared: s,
-            hashes: std::mem::take(&mut *lock(&s.released)),
+        let bytes = index::quarantined_bytes(&s.dir.join("db"));
+        s.quarantined_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// True if a record that no longer decoded was dropped or replaced since the last
+    /// [`Store::reconcile`] began: what it held in the counters and body reference counts is
+    /// still counted, until the next reconcile.
+    pub fn reconcile_wanted(&self) -> bool {
+        self.shared().index.drift_suspected()
+    }
+
+    /// Recounts the counters ([`StoreStats`]) and the body reference counts from the records and
+    /// sets right whatever drifted, logging what it fixed. Online: it walks the records in
+    /// batches of `batch`, each holding off writers only for its own duration, while the store
+    /// keeps serving, and folds in every write made meanwhile, so the result is exact. Blocking:
+    /// run it on a background thread. Stops early (to resume on a later call) once
+    /// `keep_going` returns false; `None` then.
+    pub fn reconcile(
+        &self,
+        batch: usize,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<Option<ReconcileReport>, StoreError> {
+        self.reconcile_begin();
+        while keep_going() {
+            if let Some(report) = self.reconcile_step(batch)? {
+                return Ok(Some(report));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Starts a [`Store::reconcile`] to be driven by [`Store::reconcile_step`] (no-op if one is
+    /// under way).
+    pub fn reconcile_begin(&self) {
+        self.shared().index.recount_begin();
+    }
+
+    /// One batch of a reconcile begun by [`Store::reconcile_begin`]; the report once it is done
+    /// (also when none was begun: an empty report).
+    pub fn reconcile_step(&self, batch: usize) -> Result<Option<ReconcileReport>, StoreError> {
+        let s = self.shared();
+        let (report, freed) = match s.index.recount_step(batch)? {
+            RecountStep::Idle => (Some(ReconcileReport::default()), Vec::new()),
+            RecountStep::More { freed } => (None, freed),
+            RecountStep::Done { report, freed } => (Some(report), freed),
         };
-        s.index.flush_async().await?;
-        s.unlink_released(std::mem::take(&mut released.hashes));
-        Ok(())
+        // Their stale reference is gone: unlink them after the next flush, like any release.
+        lock(&s.released).extend(&freed);
+        if let Some(r) = &report {
+            if r.repaired.is_empty() && r.refs_repaired == 0 && r.undecodable == 0 {
+                tracing::debug!(records = r.records, "store counters agree with the records");
+            } else {
+                let repaired: Vec<String> = r
+                    .repaired
+                    .iter()
+                    .map(|f| format!("{} {} -> {}", f.counter, f.was, f.now))
+                    .collect();
+                tracing::warn!(
+                    records = r.records,
+                    counters = %repaired.join(", "),
+                    body_refs = r.refs_repaired,
+                    undecodable = r.undecodable,
+                    "store counters had drifted from the records; set them right"
+                );
+            }
+        }
+        Ok(report)
     }
 
     /// Deletes body files that no entry references (left by a crash between writing a body and
@@ -744,15 +916,34 @@ impl Store {
     /// maintenance, not on the request path. Returns the number of files deleted.
     pub fn sweep_orphan_bodies(&self) -> Result<u64, StoreError> {
         let s = self.shared();
-        let mut deleted = 0;
+        // An unreferenced file whose release is not durable yet may be referenced again after a
+        // crash: find the candidates, make every change so far durable, then re-check each one
+        // under the lock as `unlink_released` does (a newer release waits for its own flush).
+        let mut candidates = Vec::new();
         for (hash, path) in s.bodies.list()? {
-            let _files = lock(&s.released);
-            // A file not at its own content address is never read: delete it whatever its name.
             let orphan = match hash {
                 Some(hash) if s.bodies.path_of(&hash) == path => s.index.refcount(&hash)? == 0,
+                // A file not at its own content address is never read: delete it whatever its name.
                 _ => true,
             };
             if orphan {
+                candidates.push((hash, path));
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        s.index.flush()?;
+        let mut deleted = 0;
+        for (hash, path) in candidates {
+            let pending = lock(&s.released);
+            let still_orphan = match hash {
+                Some(hash) if s.bodies.path_of(&hash) == path => {
+                    !pending.contains(&hash) && s.index.refcount(&hash)? == 0
+                }
+                _ => true,
+            };
+            if still_orphan {
                 s.bodies.remove_path(&path)?;
                 deleted += 1;
             }
@@ -773,9 +964,11 @@ impl Shared {
     }
 
     fn usage(&self) -> u64 {
-        self.index
+        let db = self
+            .index
             .stats()
-            .map_or(0, |s| s.record_bytes + s.body_file_bytes)
+            .map_or(0, |s| s.record_bytes + s.index_bytes + s.body_file_bytes);
+        db + self.quarantined_bytes.load(Ordering::Relaxed)
     }
 
     /// Writes the buffered touches into the access order, in one transaction.
@@ -790,14 +983,30 @@ impl Shared {
     fn evict_to(&self, target: u64) -> Result<u64, StoreError> {
         // Recent hits must count before choosing victims.
         self.persist_touches()?;
-        let mut evicted = 0;
+        // Victims looked up more often than the entries that filled the store are spared (moved
+        // to the recent end) instead; an explicit evict_to, with no such entries, spares none.
+        let pressure = match self.pressure.swap(0, Ordering::SeqCst) {
+            0 => u8::MAX,
+            p => p,
+        };
+        // At most about one pass over the entries is spared, so that a store whose entries are
+        // all hot still gets below the target.
+        let spare_limit = self.index.stats().map_or(0, |s| s.entries);
+        let (mut evicted, mut spared) = (0u64, 0u64);
         while self.usage() > target {
             let victims = self.index.least_recently_used(64)?;
             if victims.is_empty() {
                 break;
             }
-            let before = evicted;
+            let before = (evicted, spared);
+            let mut spare = Vec::new();
             for (stamp, key) in victims {
+                let used = self.sketch.estimate(key.primary_hash());
+                if spared < spare_limit && admission::spares(used, pressure) {
+                    spared += 1;
+                    spare.push((key, self.next_stamp(0)));
+                    continue;
+                }
                 if self.remove_entry(&key, None)? {
                     evicted += 1;
                 } else {
@@ -808,12 +1017,47 @@ impl Shared {
                     break;
                 }
             }
-            if evicted == before && self.index.least_recently_used(1)?.is_empty() {
+            if !spare.is_empty() {
+                self.index.touch(&spare)?;
+            }
+            if (evicted, spared) == before && self.index.least_recently_used(1)?.is_empty() {
                 break;
             }
         }
+        if spared > 0 {
+            tracing::debug!(spared, evicted, "eviction spared entries used more often");
+        }
         self.evictions.fetch_add(evicted, Ordering::Relaxed);
         Ok(evicted)
+    }
+
+    /// TinyLFU admission for a commit of `key` adding about `adding` bytes: if it would take the
+    /// store past `max_size`, the entry eviction would take first (the least recently used one
+    /// not used since the last persist) must not have been looked up more often.
+    fn admit(&self, key: &VariantKey, adding: u64) -> Result<(), StoreError> {
+        let Some(max) = self.max_size else {
+            return Ok(());
+        };
+        if self.usage().saturating_add(adding) <= max {
+            return Ok(());
+        }
+        let candidate = self.sketch.estimate(key.primary_hash());
+        let victim = {
+            let touched = lock(&self.touches);
+            self.index
+                .least_recently_used(8)?
+                .into_iter()
+                .map(|(_, k)| k)
+                .find(|k| k != key && !touched.contains_key(k))
+        };
+        if let Some(victim) = victim
+            && !admission::admits(candidate, self.sketch.estimate(victim.primary_hash()))
+        {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::NotAdmitted);
+        }
+        self.pressure.fetch_max(candidate.max(1), Ordering::SeqCst);
+        Ok(())
     }
 
     /// Evicts down to the low-water mark if the store is over `max_size`.
@@ -866,11 +1110,14 @@ impl Shared {
         key: &VariantKey,
         only_if_body: Option<&[u8; 32]>,
     ) -> Result<bool, StoreError> {
+        // The transaction and the note of what it freed happen under one lock, so an unlink that
+        // checks a file's reference count sees either both or neither (see `unlink_released`).
+        let mut released = lock(&self.released);
         let removed = self.index.remove(key, only_if_body);
         self.hot.invalidate(key);
         match removed? {
             Some(freed) => {
-                lock(&self.released).extend(freed);
+                released.extend(&freed);
                 Ok(true)
             }
             None => Ok(false),
@@ -890,6 +1137,14 @@ impl Shared {
         if self.generation.load(Ordering::SeqCst) != generation {
             return Err(StoreError::Superseded);
         }
+        // Before the file moves into place: a refused body is just a dropped temp file.
+        let file_bytes = if entry.body.inline.is_none() {
+            entry.body.len
+        } else {
+            0
+        };
+        let adding = record.len() as u64 + index::index_bytes(entry) + file_bytes;
+        self.admit(key, adding)?;
         let mut released = lock(&self.released);
         let installed = temp.is_some();
         if let Some(temp) = temp {
@@ -907,27 +1162,34 @@ impl Shared {
         self.hot.invalidate(key);
         match committed {
             Ok(freed) => {
-                released.extend(freed);
+                released.extend(&freed);
                 Ok(())
             }
             Err(e) => {
                 // The file is in place but nothing new references it: unlink it with the others.
                 if installed {
-                    released.push(entry.body.blake3);
+                    released.extend(&[entry.body.blake3]);
                 }
                 Err(e)
             }
         }
     }
 
-    /// Unlinks released body files that are still unreferenced. Call only once the transactions
-    /// that released them are durable.
-    fn unlink_released(&self, released: Vec<[u8; 32]>) {
-        if released.is_empty() {
-            return;
-        }
-        let _files = lock(&self.released);
-        for hash in released {
+    /// Unlinks the first `n` released body files if they are still unreferenced. Call only once
+    /// the transactions that released them are durable.
+    ///
+    /// The reference count read here is sled's in-memory state, which may be ahead of the disk.
+    /// A count of 0 is safe to act on only if it is durable: if the file was referenced again
+    /// and released again since (both after the flush), the newer release is not durable yet,
+    /// and a crash would bring back the record that references it. Such a newer release is
+    /// later in the list (every release is noted there under the lock, atomically with its
+    /// transaction), so that file waits for the flush after it.
+    fn unlink_released(&self, n: usize) {
+        let mut released = lock(&self.released);
+        for hash in released.take_first(n) {
+            if released.contains(&hash) {
+                continue;
+            }
             match self.index.refcount(&hash) {
                 Ok(0) => {
                     if let Err(e) = self.bodies.unlink(&hash) {
@@ -943,16 +1205,14 @@ impl Shared {
 
     /// Persists buffered accesses, flushes sled, then unlinks the files released before the flush.
     fn flush_and_unlink(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = lock(&self.flushing);
         if let Err(e) = self.persist_touches() {
             tracing::warn!(error = %e, "cannot persist the access order");
         }
-        let mut released = Released {
-            shared: self,
-            hashes: std::mem::take(&mut *lock(&self.released)),
-        };
-        // On error the guard hands the hashes back: not durable yet, try again next time.
+        let before = lock(&self.released).len();
+        // On error nothing is taken from the list: not durable yet, try again next time.
         self.index.flush()?;
-        self.unlink_released(std::mem::take(&mut released.hashes));
+        self.unlink_released(before);
         Ok(())
     }
 }
@@ -966,18 +1226,44 @@ impl Drop for ForgetHotRecords<'_> {
     }
 }
 
-/// Released body files taken out for unlinking after a flush; handed back if the flush fails or
-/// its future is dropped, so that no file is forgotten.
-struct Released<'a> {
-    shared: &'a Shared,
-    hashes: Vec<[u8; 32]>,
+/// Body files released by committed transactions, oldest first, waiting for a flush before
+/// they may be unlinked. Counted per hash, so "released again since" is one lookup.
+#[derive(Default)]
+struct ReleasedFiles {
+    order: std::collections::VecDeque<[u8; 32]>,
+    count: HashMap<[u8; 32], u32>,
 }
 
-impl Drop for Released<'_> {
-    fn drop(&mut self) {
-        if !self.hashes.is_empty() {
-            lock(&self.shared.released).append(&mut self.hashes);
+impl ReleasedFiles {
+    fn extend(&mut self, hashes: &[[u8; 32]]) {
+        for hash in hashes {
+            self.order.push_back(*hash);
+            *self.count.entry(*hash).or_insert(0) += 1;
         }
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// True if `hash` has a release in the list.
+    fn contains(&self, hash: &[u8; 32]) -> bool {
+        self.count.contains_key(hash)
+    }
+
+    /// Removes and returns the `n` oldest releases.
+    fn take_first(&mut self, n: usize) -> Vec<[u8; 32]> {
+        let n = n.min(self.order.len());
+        let taken: Vec<[u8; 32]> = self.order.drain(..n).collect();
+        for hash in &taken {
+            if let Some(c) = self.count.get_mut(hash) {
+                *c -= 1;
+                if *c == 0 {
+                    self.count.remove(hash);
+                }
+            }
+        }
+        taken
     }
 }
 

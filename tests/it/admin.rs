@@ -357,7 +357,13 @@ async fn dump_works_while_running_and_after_stop() {
         "dump", "--config", config, "--tag", "t1", "--format", "table",
     ]);
     assert_eq!(code, 0);
-    assert_eq!(out.lines().count(), 2, "{out}");
+    // Header, the one tagged entry, and the totals line.
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert_eq!(
+        out.lines().last(),
+        Some("TOTAL 1 entries, 3 bytes"),
+        "{out}"
+    );
     assert!(out.contains("/d1") && !out.contains("/d2"), "{out}");
     let (code, _, err) = run_binary(&["dump", "--config", config, "--offline"]);
     assert_ne!(code, 0);
@@ -916,7 +922,7 @@ fn assert_table_aligned(out: &str) {
     };
     let (state, size_end, place, url) = (at("STATE"), at("SIZE") + 4, at("WHERE"), at("URL"));
     let mut rows = 0;
-    for line in lines {
+    for line in lines.filter(|l| !l.starts_with("TOTAL ")) {
         rows += 1;
         let starts: Vec<usize> = line
             .char_indices()
@@ -1029,14 +1035,23 @@ async fn dump_filters_states_locations_and_table() {
         assert_eq!(jsonl(&dump(&["--limit", "1"])).len(), 1, "online={online}");
 
         let table = dump(&["--format", "table"]);
-        assert_eq!(table.lines().count(), 5, "online={online}: {table}");
+        // Header, four entries, the totals line.
+        assert_eq!(table.lines().count(), 6, "online={online}: {table}");
         assert_table_aligned(&table);
         assert!(
             table.contains("100000") && table.contains("expired"),
             "{table}"
         );
         let table = dump(&["--format", "table", "--prefix", &a_prefix, "--limit", "2"]);
-        assert_eq!(table.lines().count(), 3, "online={online}: {table}");
+        assert_eq!(table.lines().count(), 4, "online={online}: {table}");
+        assert!(
+            table
+                .lines()
+                .last()
+                .unwrap()
+                .starts_with("TOTAL 2 entries, "),
+            "online={online}: {table}"
+        );
         assert_table_aligned(&table);
     };
     check(true);
