@@ -560,7 +560,7 @@ async fn lead(
         let limit = state.flights.leader_timeout;
         let sent = tokio::time::timeout(
             limit,
-            upstream.send("GET", &job.path_and_query, &headers, ()),
+            Box::pin(upstream.send("GET", &job.path_and_query, &headers, ())),
         )
         .await
         .unwrap_or(Err(UpstreamError::Timeout(limit)));
@@ -603,7 +603,9 @@ async fn lead(
         }
         prepare_response_headers(&mut resp.headers, response_time);
         let times = (request_time, response_time, generation);
-        deliver(flight, job, state, primary, resp, times, &fwd).await;
+        // Boxed: the spawned lead task would otherwise be as large as both futures together,
+        // and every miss moves it into its task (callgrind: ~19 KB copied per miss).
+        Box::pin(deliver(flight, job, state, primary, resp, times, &fwd)).await;
         return;
     }
 }
