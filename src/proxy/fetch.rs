@@ -827,10 +827,13 @@ impl Sink {
         }
     }
 
-    async fn fail(&mut self, message: String) {
+    /// Ends the readers' bodies with an error; a client that does not take it within
+    /// `patience` is dropped (its connection is cut all the same).
+    async fn fail(&mut self, message: String, patience: std::time::Duration) {
         match self {
             Sink::Client(tx) => {
-                let _ = tx.send(Err(std::io::Error::other(message))).await;
+                let cut = tx.send(Err(std::io::Error::other(message)));
+                let _ = tokio::time::timeout(patience, cut).await;
             }
             Sink::Shared(flight) => flight.finish(Err(message)),
         }
@@ -857,6 +860,10 @@ async fn tee(
     let mut readers = true;
     let mut held: Option<Bytes> = None;
     let mut received: u64 = 0;
+    // A client that stops reading must not hold up the store's copy, the origin connection or
+    // its request slot: it gets as long as a stalled origin would, then it is cut. (A shared
+    // flight applies the same bound to each of its readers.)
+    let patience = body.idle_timeout();
     loop {
         match body.next_chunk().await {
             Some(Ok(chunk)) => {
@@ -874,13 +881,7 @@ async fn tee(
                 if let Some(prev) = held.replace(chunk)
                     && readers
                 {
-                    // While the store copy is being written, a client that stops reading
-                    // must not hold it (or the origin) up: it gets as long as a stalled
-                    // origin would, then it is cut.
-                    readers = match writer {
-                        Some(_) => sink.send_within(prev, body.idle_timeout()).await,
-                        None => sink.send(prev).await,
-                    };
+                    readers = sink.send_within(prev, patience).await;
                 }
                 if !readers && writer.is_none() {
                     return;
@@ -888,24 +889,26 @@ async fn tee(
             }
             Some(Err(e)) => {
                 // Dropping the writer discards the partial body; readers' connections are cut.
-                drop(writer);
+                drop((writer, body));
                 tracing::warn!(error = %e, "origin body failed");
                 if readers && let Some(prev) = held.take() {
-                    sink.send(prev).await;
+                    sink.send_within(prev, patience).await;
                 }
-                sink.fail(e.to_string()).await;
+                sink.fail(e.to_string(), patience).await;
                 return;
             }
             None => break,
         }
     }
+    // The origin is done with: release its connection and request slot before the last sends.
+    drop(body);
     if let Some(w) = writer
         && let Err(e) = w.commit(expected_len).await
     {
         store_failed(&e, store_errors.as_ref());
         if expected_len.is_some_and(|n| n != received) {
             // The origin closed before its Content-Length: readers must not see a clean end.
-            sink.fail("origin body shorter than Content-Length".into())
+            sink.fail("origin body shorter than Content-Length".into(), patience)
                 .await;
             return;
         }
@@ -913,7 +916,7 @@ async fn tee(
     if let Some(last) = held
         && readers
     {
-        sink.send(last).await;
+        sink.send_within(last, patience).await;
     }
     sink.end();
 }

@@ -457,3 +457,58 @@ async fn background_refreshes_are_bounded() {
     );
     proxy.stop().await;
 }
+
+// A client that stops reading a pass-through response (nothing stored: a POST, here) is cut
+// after `[origin] body_timeout`, so it cannot keep an origin request slot, and with it the
+// origin's capacity, for as long as it keeps its connection open.
+#[actix_web::test]
+async fn a_stalled_pass_through_reader_gives_its_origin_slot_back() {
+    const BIG: usize = 48 << 20;
+    let origin = RawOrigin::start(move |mut s, _| {
+        while let Some(head) = read_request_head(&mut s) {
+            let reply = if head.starts_with("POST") {
+                let mut r =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+                r.resize(r.len() + BIG, b'p');
+                r
+            } else {
+                good("small").into_bytes()
+            };
+            if s.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    });
+    let proxy = Proxy::start(
+        &origin.url(),
+        "[origin]\nmax_concurrent_requests = 1\nresponse_timeout = \"20s\"\nbody_timeout = \"1s\"\n",
+    )
+    .await;
+    let addr = proxy.addr;
+    // Takes the first bytes of a large POST answer, then reads nothing more (socket kept open).
+    let stalled = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 16384];
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the response started");
+        s
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let next = get_path(&proxy, "/after").await.expect("answered");
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(next.text(), "small");
+    // Held for good, the slot would have made this wait the 20 s response timeout (504).
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "waited {:?} for the origin slot",
+        started.elapsed()
+    );
+    drop(stalled);
+    proxy.stop().await;
+}
