@@ -103,7 +103,7 @@ impl PurgeRequest {
                     "\"prefix\" must start with http:// and the host, got {prefix:?}"
                 ));
             }
-            Selector::Prefix(prefix)
+            Selector::Prefix(normalized_prefix(&prefix))
         } else if let Some(tag) = self.tag {
             if tag.trim().is_empty() {
                 return Err("\"tag\" must not be empty".to_string());
@@ -115,6 +115,22 @@ impl PurgeRequest {
             return Err("\"all\" must be true".to_string());
         };
         Ok((selector, self.soft))
+    }
+}
+
+/// A URL prefix as the cache spells the URLs it keys (see `PrimaryKey::new`): the host lower-cased
+/// and, once the authority is complete (a path or query follows), the default port dropped, so
+/// `http://Example.COM:80/blog/` matches what `{"url": …}` with the same text would.
+fn normalized_prefix(prefix: &str) -> String {
+    let rest = &prefix["http://".len()..];
+    match rest.find(['/', '?']) {
+        Some(end) => match PrimaryKey::from_url(&format!("http://{}/", &rest[..end])) {
+            // from_url's URL is "http://<authority>/": keep its authority, then our path.
+            Some(key) => format!("{}{}", key.url().trim_end_matches('/'), &rest[end..]),
+            None => prefix.to_string(),
+        },
+        // Still inside the host: only case can differ.
+        None => format!("http://{}", rest.to_ascii_lowercase()),
     }
 }
 
@@ -164,17 +180,25 @@ async fn purge(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> H
         Err(message) => return json_error(400, &message),
     };
     let now = state.clock.now();
-    // Requests after this purge must not join a fetch that began before it.
+    // Requests after this purge must not join a fetch that began before it. The store's purge
+    // bumps the generation that refuses such fetches' commits; a fetch started between this
+    // detach and that bump is caught by the second one.
     state.flights.detach_all();
-    let result = match &selector {
-        Selector::Url(primary) => state.store.purge_url(primary, soft, now),
-        Selector::Prefix(prefix) => state.store.purge_prefix(prefix, soft, now),
-        Selector::Tag(tag) => state.store.purge_tag(tag, soft, now),
-        Selector::All => state.store.purge_all(soft, now),
-    };
+    let store = state.store.clone();
+    // A purge walks and rewrites many records: keep it off the admin worker, which must go on
+    // answering /healthz and /metrics.
+    let result = tokio::task::spawn_blocking(move || match &selector {
+        Selector::Url(primary) => store.purge_url(primary, soft, now),
+        Selector::Prefix(prefix) => store.purge_prefix(prefix, soft, now),
+        Selector::Tag(tag) => store.purge_tag(tag, soft, now),
+        Selector::All => store.purge_all(soft, now),
+    })
+    .await;
+    state.flights.detach_all();
     let purged = match result {
-        Ok(n) => n,
-        Err(e) => return store_error(e),
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => return store_error(e),
+        Err(e) => return json_error(500, &format!("purge task failed: {e}")),
     };
     // Durable before we answer: a crash right after must not bring purged content back.
     if let Err(e) = state.store.flush().await {
@@ -380,7 +404,21 @@ fn store_error(e: StoreError) -> HttpResponse {
 
 #[cfg(test)]
 mod tests {
-    use super::{bearer_credentials, constant_time_eq, refuse_https};
+    use super::{bearer_credentials, constant_time_eq, normalized_prefix, refuse_https};
+
+    #[test]
+    fn prefixes_are_spelled_as_the_cache_keys_urls() {
+        // RFC 9110 §4.2.3: the host is case-insensitive and the default port is the same URI.
+        for (given, want) in [
+            ("http://Example.COM:80/blog/", "http://example.com/blog/"),
+            ("http://example.com:8080/a?b", "http://example.com:8080/a?b"),
+            ("http://EXAMPLE.com/Blog/", "http://example.com/Blog/"),
+            ("http://Exa", "http://exa"),
+            ("http://[::1]:80/x", "http://[::1]/x"),
+        ] {
+            assert_eq!(normalized_prefix(given), want, "{given}");
+        }
+    }
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {
