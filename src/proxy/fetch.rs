@@ -523,12 +523,14 @@ fn start_lead(
         job.headers.remove(name);
     }
     let (state, upstream, fwd) = (state.clone(), upstream.clone(), fwd.to_string());
+    // However the fetch ends (even by a panic, or the task dropped unpolled as a worker
+    // stops), nobody may wait for it any longer: the guard exists before the task does.
+    let guard = LeadGuard {
+        flights: state.flights.clone(),
+        flight: flight.clone(),
+    };
     actix_web::rt::spawn(async move {
-        // However the fetch ends (even by a panic), nobody may wait for it any longer.
-        let _guard = LeadGuard {
-            flights: state.flights.clone(),
-            flight: flight.clone(),
-        };
+        let _guard = guard;
         lead(&flight, &job, &state, &upstream, &primary, stale, &fwd).await;
     });
 }

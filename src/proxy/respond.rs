@@ -77,8 +77,15 @@ pub(crate) async fn from_variant(
     variant: &Variant,
     status: CacheStatus,
 ) -> Option<HttpResponse> {
-    let head = variant.prepared(PreparedHead::of);
-    respond(ctx, state, &variant.key, &variant.entry, status, head).await
+    respond(
+        ctx,
+        state,
+        &variant.key,
+        &variant.entry,
+        status,
+        Some(variant),
+    )
+    .await
 }
 
 /// The stored response for this request: a 304 if the client's conditional matches,
@@ -100,7 +107,7 @@ async fn respond(
     key: &VariantKey,
     entry: &Entry,
     status: CacheStatus,
-    head: Option<&PreparedHead>,
+    hot: Option<&Variant>,
 ) -> Option<HttpResponse> {
     // Every use of a stored response counts for the eviction order (memory only).
     state.store.touch(key, ctx.now);
@@ -116,7 +123,12 @@ async fn respond(
     }
     // RFC 9110 §14.2: Range after the conditionals above (§13.2.2), from the stored bytes.
     let range = range::select(ctx, entry.status, &entry.headers, Some(entry.body.len));
-    if let (Some(head), None, false) = (head, &range, ctx.is_head) {
+    // Only a full GET answer uses the prepared head: it is built then, once per hot copy.
+    let head = match (hot, &range, ctx.is_head) {
+        (Some(variant), None, false) => variant.prepared(PreparedHead::of),
+        _ => None,
+    };
+    if let Some(head) = head {
         let body = match state.store.open_body(key, entry).await {
             Ok(body) => body,
             Err(e) => {

@@ -185,6 +185,9 @@ impl SpillFile {
 /// Called once when a stream finds its body damaged, to drop the entry.
 pub(super) type OnDamage = Box<dyn FnOnce() + Send + Sync>;
 
+/// Called once with the whole body when a stream that keeps a copy has verified its last byte.
+pub(super) type OnVerified = Box<dyn FnOnce(Bytes) + Send + Sync>;
+
 /// A stored body as a stream of chunks, verified against its length and blake3.
 ///
 /// A file body withholds its last chunk until the whole file has been hashed: on a mismatch, a
@@ -218,6 +221,8 @@ struct FileRead {
     blake3: [u8; 32],
     held: Option<Bytes>,
     on_damage: Option<OnDamage>,
+    /// A copy of what has streamed so far, handed over once it verified (see `keeping`).
+    keep: Option<(bytes::BytesMut, OnVerified)>,
     what: String,
 }
 
@@ -246,9 +251,20 @@ impl BodyStream {
                 blake3,
                 held: None,
                 on_damage: Some(on_damage),
+                keep: None,
                 what,
             })),
         }
+    }
+
+    /// Makes a file body stream keep a copy of what it streams and hand it to `on_verified` if,
+    /// and only if, the whole body matched its hash. No effect on other bodies.
+    pub(super) fn keeping(mut self, on_verified: OnVerified) -> BodyStream {
+        if let State::File(read) = &mut self.state {
+            let capacity = usize::try_from(read.len).unwrap_or(0);
+            read.keep = Some((bytes::BytesMut::with_capacity(capacity), on_verified));
+        }
+        self
     }
 }
 
@@ -421,6 +437,9 @@ impl Stream for BodyStream {
                         return Poll::Ready(Some(Err(err)));
                     }
                     read.hasher.update(&chunk);
+                    if let Some((copy, _)) = &mut read.keep {
+                        copy.extend_from_slice(&chunk);
+                    }
                     // Hold one chunk back: it is released only once the next one (or a verified
                     // end of file) shows that it is not the last of a damaged body.
                     if let Some(prev) = read.held.replace(chunk) {
@@ -439,6 +458,9 @@ impl Stream for BodyStream {
                     } else if *read.hasher.finalize().as_bytes() != read.blake3 {
                         Err(read.damaged("blake3 mismatch"))
                     } else {
+                        if let Some((copy, on_verified)) = read.keep.take() {
+                            on_verified(copy.freeze());
+                        }
                         Ok(read.held.take())
                     };
                     this.state = State::Done;

@@ -12,7 +12,7 @@
 //! [`Store::lookup`]: super::Store::lookup
 
 use std::any::Any;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -63,6 +63,53 @@ pub(super) struct Hot {
     /// Bumped by every invalidation; a lookup keeps what it read only if no invalidation
     /// happened since it started reading.
     version: AtomicU64,
+    /// Bodies whose copy a read is making (see [`Filling`]).
+    filling: Mutex<HashSet<[u8; 32]>>,
+}
+
+/// A read of a body file that keeps a copy for the hot tier. At most one per body at a time,
+/// so a burst of cold requests for one URL buffers one copy, not one each; the mark goes when
+/// the read ends, whether or not it verified.
+pub(super) struct Filling {
+    shared: Arc<super::Shared>,
+    blake3: [u8; 32],
+}
+
+impl Filling {
+    pub(super) fn begin(
+        shared: &Arc<super::Shared>,
+        len: u64,
+        blake3: [u8; 32],
+    ) -> Option<Filling> {
+        let hot = &shared.hot;
+        if !hot.takes_body(len) || hot.bodies.get(&blake3).is_some() {
+            return None;
+        }
+        let fresh = hot
+            .filling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(blake3);
+        fresh.then(|| Filling {
+            shared: shared.clone(),
+            blake3,
+        })
+    }
+
+    /// The copy verified: keep it.
+    pub(super) fn done(self, verified: Bytes) {
+        self.shared.hot.keep_body(self.blake3, verified);
+    }
+}
+
+impl Drop for Filling {
+    fn drop(&mut self) {
+        let hot = &self.shared.hot;
+        hot.filling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.blake3);
+    }
 }
 
 impl Hot {
@@ -76,6 +123,7 @@ impl Hot {
             bodies: Clock::new(bodies),
             body_max: (budget - budget / 4) / 8,
             version: AtomicU64::new(0),
+            filling: Mutex::new(HashSet::new()),
         }
     }
 
@@ -91,6 +139,11 @@ impl Hot {
     /// Keeps what a lookup read, unless an entry changed since `version` was read: the index
     /// may then have changed after the lookup read it, and the copy could be stale.
     pub(super) fn keep_records(&self, primary: [u8; 32], variants: Variants, version: u64) {
+        // A URL with nothing stored is about to be fetched (and its commit would drop the copy
+        // anyway): keeping it would only take the write lock on every miss.
+        if variants.is_empty() {
+            return;
+        }
         let size = variants
             .iter()
             .map(|v| record_size(&v.entry))
@@ -286,10 +339,17 @@ mod tests {
         let hot = Hot::new(1 << 20);
         let before = hot.records_version();
         let key = VariantKey::from_bytes(&[7; 64]).unwrap();
+        let one = || -> Variants {
+            let e = through_the_store::entry("http://x/", "1");
+            Arc::from(vec![Variant::new(key, e)])
+        };
         hot.invalidate(&key);
-        hot.keep_records([7; 32], Arc::from(Vec::new()), before);
+        hot.keep_records([7; 32], one(), before);
         assert!(hot.records(&[7; 32]).is_none());
+        // Nothing stored for a URL is not worth keeping.
         hot.keep_records([7; 32], Arc::from(Vec::new()), hot.records_version());
+        assert!(hot.records(&[7; 32]).is_none());
+        hot.keep_records([7; 32], one(), hot.records_version());
         assert!(hot.records(&[7; 32]).is_some());
         hot.invalidate(&key);
         assert!(hot.records(&[7; 32]).is_none());
@@ -308,7 +368,7 @@ mod tests {
             UNIX_EPOCH + Duration::from_secs(secs)
         }
 
-        fn entry(url: &str, marker: &str) -> Entry {
+        pub(super) fn entry(url: &str, marker: &str) -> Entry {
             let mut headers = HeaderList::new();
             headers.push("x-version", marker);
             Entry {
@@ -442,6 +502,74 @@ mod tests {
                 }
             );
             assert!(cold.get(&key).unwrap().is_none());
+        }
+    }
+
+    mod filling {
+        use futures_util::StreamExt;
+
+        use super::through_the_store::entry;
+        use crate::key::{PrimaryKey, VariantKey};
+        use crate::store::{Store, StoreOptions};
+
+        async fn drain(s: crate::store::BodyStream) -> (Vec<u8>, bool) {
+            let mut s = s;
+            let (mut out, mut failed) = (Vec::new(), false);
+            while let Some(c) = s.next().await {
+                match c {
+                    Ok(c) => out.extend_from_slice(&c),
+                    Err(_) => failed = true,
+                }
+            }
+            (out, failed)
+        }
+
+        #[tokio::test]
+        async fn one_cold_read_keeps_the_copy_and_only_a_verified_one() {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = StoreOptions {
+                hot_cache: 8 << 20,
+                ..StoreOptions::default()
+            };
+            let store = Store::open(dir.path(), opts).unwrap();
+            let p = PrimaryKey::new("http", "x", "/f");
+            let key = VariantKey::new(&p, &[]);
+            let body: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+            let mut w = store.begin_write(key, entry(p.url(), "1"));
+            w.write(&body).await.unwrap();
+            let e = w.commit(None).await.unwrap();
+            let hash = e.body.blake3;
+
+            // Two cold readers at once: both stream the file, one of them makes the copy.
+            let (a, b) = (
+                store.open_body(&key, &e).await.unwrap(),
+                store.open_body(&key, &e).await.unwrap(),
+            );
+            assert_eq!(store.shared().hot.filling.lock().unwrap().len(), 1);
+            assert!(
+                store.shared().hot.body(&hash).is_none(),
+                "nothing kept before the end"
+            );
+            assert_eq!(drain(a).await, (body.clone(), false));
+            assert_eq!(drain(b).await, (body.clone(), false));
+            assert_eq!(store.shared().hot.body(&hash).as_deref(), Some(&body[..]));
+            assert!(store.shared().hot.filling.lock().unwrap().is_empty());
+
+            // A damaged file: the read fails at its end and keeps nothing.
+            let p2 = PrimaryKey::new("http", "x", "/g");
+            let key2 = VariantKey::new(&p2, &[]);
+            let other: Vec<u8> = body.iter().map(|b| b.wrapping_add(1)).collect();
+            let mut w = store.begin_write(key2, entry(p2.url(), "1"));
+            w.write(&other).await.unwrap();
+            let e2 = w.commit(None).await.unwrap();
+            let path = store.shared().bodies.path_of(&e2.body.blake3);
+            let mut damaged = std::fs::read(&path).unwrap();
+            damaged[7] ^= 1;
+            std::fs::write(&path, &damaged).unwrap();
+            let (_, failed) = drain(store.open_body(&key2, &e2).await.unwrap()).await;
+            assert!(failed, "the damage is reported");
+            assert!(store.shared().hot.body(&e2.body.blake3).is_none());
+            assert!(store.get(&key2).unwrap().is_none(), "the entry is dropped");
         }
     }
 

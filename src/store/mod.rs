@@ -404,9 +404,6 @@ impl Store {
             return Ok(BodyStream::inline(inline.clone()));
         }
         let path = self.shared().bodies.path_of(&body.blake3);
-        if hot.takes_body(body.len) {
-            return self.read_body_file_whole(key, entry, path).await;
-        }
         let file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -419,50 +416,12 @@ impl Store {
         let on_damage = Box::new(move || {
             store.drop_damaged(&key_copy, &hash, &url, "body file does not match its hash");
         });
-        Ok(BodyStream::file(
-            file,
-            body.len,
-            body.blake3,
-            entry.url.clone(),
-            on_damage,
-        ))
-    }
-
-    /// A body file small enough for the hot tier: read whole off the async worker, checked,
-    /// kept, and served from memory.
-    async fn read_body_file_whole(
-        &self,
-        key: &VariantKey,
-        entry: &Entry,
-        path: PathBuf,
-    ) -> Result<BodyStream, StoreError> {
-        let (at, len, hash) = (path.clone(), entry.body.len, entry.body.blake3);
-        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Bytes>> {
-            let bytes = std::fs::read(&at)?;
-            let intact = bytes.len() as u64 == len && *blake3::hash(&bytes).as_bytes() == hash;
-            Ok(intact.then(|| Bytes::from(bytes)))
-        })
-        .await
-        .map_err(|e| StoreError::Io {
-            path: path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        match read {
-            Ok(Some(verified)) => {
-                self.shared().hot.keep_body(hash, verified.clone());
-                Ok(BodyStream::inline(verified))
-            }
-            Ok(None) => {
-                self.drop_damaged(key, &hash, &entry.url, "body file does not match its hash");
-                Err(StoreError::BodyCorrupt {
-                    url: entry.url.clone(),
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.drop_damaged(key, &hash, &entry.url, "body file is missing");
-                Err(StoreError::BodyMissing(path))
-            }
-            Err(e) => Err(StoreError::Io { path, source: e }),
+        let stream = BodyStream::file(file, body.len, body.blake3, entry.url.clone(), on_damage);
+        // Small enough for the hot tier: keep the copy this read makes, once it verified. One
+        // read per body at a time does, so cold readers do not each buffer their own copy.
+        match hot::Filling::begin(&self.shared_arc(), body.len, body.blake3) {
+            Some(filling) => Ok(stream.keeping(Box::new(move |verified| filling.done(verified)))),
+            None => Ok(stream),
         }
     }
 
@@ -973,7 +932,9 @@ impl Shared {
 
     /// Writes the buffered touches into the access order, in one transaction.
     fn persist_touches(&self) -> Result<(), StoreError> {
-        let touches: Vec<(VariantKey, u64)> = lock(&self.touches).drain().collect();
+        // Swapped out whole, so hits wait only for the swap, not for the copy.
+        let taken = std::mem::take(&mut *lock(&self.touches));
+        let touches: Vec<(VariantKey, u64)> = taken.into_iter().collect();
         if touches.is_empty() {
             return Ok(());
         }
@@ -1042,10 +1003,11 @@ impl Shared {
             return Ok(());
         }
         let candidate = self.sketch.estimate(key.primary_hash());
+        // The index scan runs before the touches lock is taken: every hit takes that lock.
+        let oldest = self.index.least_recently_used(8)?;
         let victim = {
             let touched = lock(&self.touches);
-            self.index
-                .least_recently_used(8)?
+            oldest
                 .into_iter()
                 .map(|(_, k)| k)
                 .find(|k| k != key && !touched.contains_key(k))
