@@ -142,6 +142,13 @@ pub(crate) async fn fetch_for_cache(
             .flights
             .join(flight_key(ctx, state, &primary, stale.as_ref()));
         if leader {
+            // The lookup that sent this request here ran before the join: a fetch that
+            // committed and left in between has stored what we were about to fetch again.
+            if let Some(resp) = stored_meanwhile(ctx, state, &primary).await {
+                state.flights.detach(&flight);
+                flight.publish(Outcome::Stored);
+                return resp;
+            }
             let reader = flight.reader();
             start_lead(
                 flight.clone(),
@@ -185,6 +192,21 @@ pub(crate) async fn fetch_for_cache(
         }
     }
     fetch_alone(ctx, state, upstream, primary, stale, fwd).await
+}
+
+/// A fresh stored answer for this request, if one was committed since its lookup.
+async fn stored_meanwhile(
+    ctx: &RequestCtx,
+    state: &ProxyState,
+    primary: &PrimaryKey,
+) -> Option<HttpResponse> {
+    let variants = state.store.lookup(primary).ok()?;
+    let variant = super::selected(&variants, &ctx.headers, &state.policy)?;
+    if policy::lookup(&ctx.headers, &variant.entry.freshness, ctx.now) != Lookup::Fresh {
+        return None;
+    }
+    let status = CacheStatus::hit(&variant.entry, ctx.now);
+    respond::from_variant(ctx, state, variant, status).await
 }
 
 /// The key this request's fetch is coalesced under: its variant when the URL's Vary is known
@@ -270,6 +292,8 @@ async fn lead_answer(
             let cache_status = CacheStatus::fwd(fwd).with_detail(detail);
             Some(respond::plain_error_with(status, &message, &cache_status))
         }
+        // Only a leader publishes this, and it answers from the store itself.
+        Outcome::Stored => None,
         Outcome::Revalidated(key) => {
             drop(reader);
             let status = CacheStatus::fwd("stale").with_fwd_status(304);
@@ -332,6 +356,8 @@ async fn wait_answer(
             let cache_status = CacheStatus::fwd(fwd).with_detail(detail).collapsed();
             Turn::Done(respond::plain_error_with(status, &message, &cache_status))
         }
+        // Its leader found the store filled after all and left the flight: look again.
+        Outcome::Stored => Turn::Rejoin,
         Outcome::Revalidated(key) => {
             drop(reader);
             let status = CacheStatus::fwd("stale").with_fwd_status(304).collapsed();

@@ -287,6 +287,9 @@ pub(crate) enum Outcome {
     Response(Arc<SharedHead>),
     /// A 304 freshened this stored entry: read it from the store.
     Revalidated(VariantKey),
+    /// Another fetch stored the response between this one's lookup and its start: nothing
+    /// was fetched, the store has the answer.
+    Stored,
     /// The origin failed before sending a head.
     Failed {
         status: u16,
