@@ -143,7 +143,7 @@ impl Sweeper {
             for (at, key) in rows {
                 match store.get(&key) {
                     Ok(Some(entry)) if !has_validators(&entry) => {
-                        if store.remove(&key).unwrap_or(false) {
+                        if store.remove_expired(&key, now, has_validators).unwrap_or(false) {
                             removed += 1;
                             progress = true;
                         }
@@ -184,7 +184,7 @@ fn sweep_long_dead(store: &Store, now: SystemTime, config: &SweepConfig) -> u64 
         let batch_len = keys.len();
         let before = removed;
         for key in keys {
-            if store.remove(&key).unwrap_or(false) {
+            if store.remove_expired(&key, long_dead, |_| false).unwrap_or(false) {
                 removed += 1;
             }
         }
@@ -275,5 +275,27 @@ mod tests {
         let removed = sweeper.sweep(&store, at(1_000 + 86_400 + 100), &config);
         assert_eq!(removed, 30);
         assert_eq!(store.stats().entries, 0);
+    }
+
+    // The sweep reads the expiry index, then removes: an entry a fetch replaced in between
+    // (fresh again, or now revalidatable) is not the dead one the index listed, so it stays.
+    #[tokio::test]
+    async fn an_entry_replaced_after_the_sweep_listed_it_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let key = put(&store, "/busy", 1_000, false).await;
+        let listed = store.expired(at(2_000), 10).unwrap();
+        assert_eq!(listed, vec![key]);
+        put(&store, "/busy", 5_000, false).await;
+        assert!(!store.remove_expired(&key, at(2_000), |_| false).unwrap());
+        assert!(store.get(&key).unwrap().is_some(), "the fresh copy stays");
+
+        let listed = store.expired_after(None, at(6_000), 10).unwrap();
+        assert_eq!(listed.len(), 1);
+        put(&store, "/busy", 5_500, true).await;
+        assert!(!store.remove_expired(&key, at(6_000), has_validators).unwrap());
+        assert!(store.get(&key).unwrap().is_some(), "the revalidatable copy stays");
+        assert!(store.remove_expired(&key, at(6_000), |_| false).unwrap());
+        assert!(store.get(&key).unwrap().is_none());
     }
 }

@@ -594,20 +594,21 @@ impl Index {
         })
     }
 
-    /// Removes the record of `key`; with `only_if_body`, only while it still holds that body (so a
-    /// reader that found a damaged body cannot remove a newer replacement). `None` if nothing was
-    /// removed, else the body hashes left unreferenced.
+    /// Removes the record of `key`; with `only_if`, only while the record inside the transaction
+    /// still passes it (so a reader that found a damaged body, or a sweep that found an entry
+    /// dead, cannot remove a newer replacement; an undecodable record always goes). `None` if
+    /// nothing was removed, else the body hashes left unreferenced.
     pub(super) fn remove(
         &self,
         key: &VariantKey,
-        only_if_body: Option<&[u8; 32]>,
+        only_if: Option<&dyn Fn(&Entry) -> bool>,
     ) -> Result<Option<Vec<[u8; 32]>>, StoreError> {
         self.mutate(key, |tx| {
             let Some(bytes) = tx.e.get(key.as_bytes())? else {
                 return Ok((None, Change::default()));
             };
-            if let (Some(want), Ok(old)) = (only_if_body, decode_entry(&bytes))
-                && *want != old.body.blake3
+            if let (Some(still), Ok(old)) = (only_if, decode_entry(&bytes))
+                && !still(&old)
             {
                 return Ok((None, Change::default()));
             }

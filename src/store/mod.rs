@@ -556,7 +556,10 @@ impl Store {
     fn drop_damaged(&self, key: &VariantKey, body: &[u8; 32], url: &str, why: &str) {
         tracing::warn!(url, key = %key.to_hex(), why, "dropping cache entry with a damaged body");
         self.shared().damaged.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.shared().remove_entry(key, Some(body)) {
+        if let Err(e) = self
+            .shared()
+            .remove_entry(key, Some(&|e: &Entry| e.body.blake3 == *body))
+        {
             tracing::error!(url, error = %e, "cannot remove damaged cache entry");
         }
     }
@@ -618,6 +621,20 @@ impl Store {
     /// Removes one entry; `true` if it was there.
     pub fn remove(&self, key: &VariantKey) -> Result<bool, StoreError> {
         self.shared().remove_entry(key, None)
+    }
+
+    /// Removes one entry the expiry index listed, only if it is still dead at `now` and not
+    /// `spared` when the removal happens: an entry a fetch replaced since the sweep read the
+    /// index stays. `true` if it was removed.
+    pub fn remove_expired(
+        &self,
+        key: &VariantKey,
+        now: SystemTime,
+        spared: impl Fn(&Entry) -> bool,
+    ) -> Result<bool, StoreError> {
+        let now_ms = format::time_to_ms(now);
+        let still_dead = |e: &Entry| index::expiry_ms(e) <= now_ms && !spared(e);
+        self.shared().remove_entry(key, Some(&still_dead))
     }
 
     /// Purges every variant of a URL. `soft` keeps them but stale from `now` on
@@ -1070,12 +1087,12 @@ impl Shared {
     fn remove_entry(
         &self,
         key: &VariantKey,
-        only_if_body: Option<&[u8; 32]>,
+        only_if: Option<&dyn Fn(&Entry) -> bool>,
     ) -> Result<bool, StoreError> {
         // The transaction and the note of what it freed happen under one lock, so an unlink that
         // checks a file's reference count sees either both or neither (see `unlink_released`).
         let mut released = lock(&self.released);
-        let removed = self.index.remove(key, only_if_body);
+        let removed = self.index.remove(key, only_if);
         self.hot.invalidate(key);
         match removed? {
             Some(freed) => {
