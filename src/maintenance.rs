@@ -143,7 +143,10 @@ impl Sweeper {
             for (at, key) in rows {
                 match store.get(&key) {
                     Ok(Some(entry)) if !has_validators(&entry) => {
-                        if store.remove_expired(&key, now, has_validators).unwrap_or(false) {
+                        if store
+                            .remove_expired(&key, now, has_validators)
+                            .unwrap_or(false)
+                        {
                             removed += 1;
                             progress = true;
                         }
@@ -184,7 +187,10 @@ fn sweep_long_dead(store: &Store, now: SystemTime, config: &SweepConfig) -> u64 
         let batch_len = keys.len();
         let before = removed;
         for key in keys {
-            if store.remove_expired(&key, long_dead, |_| false).unwrap_or(false) {
+            if store
+                .remove_expired(&key, long_dead, |_| false)
+                .unwrap_or(false)
+            {
                 removed += 1;
             }
         }
@@ -293,8 +299,15 @@ mod tests {
         let listed = store.expired_after(None, at(6_000), 10).unwrap();
         assert_eq!(listed.len(), 1);
         put(&store, "/busy", 5_500, true).await;
-        assert!(!store.remove_expired(&key, at(6_000), has_validators).unwrap());
-        assert!(store.get(&key).unwrap().is_some(), "the revalidatable copy stays");
+        assert!(
+            !store
+                .remove_expired(&key, at(6_000), has_validators)
+                .unwrap()
+        );
+        assert!(
+            store.get(&key).unwrap().is_some(),
+            "the revalidatable copy stays"
+        );
         assert!(store.remove_expired(&key, at(6_000), |_| false).unwrap());
         assert!(store.get(&key).unwrap().is_none());
     }

@@ -71,7 +71,7 @@ pub(crate) async fn pass(
         Err(e) => return origin_error(&e, &CacheStatus::fwd(fwd)),
     };
     if policy::is_unsafe_method(&ctx.method) {
-        invalidate(ctx, state, resp.status, &resp.headers);
+        invalidate(ctx, state, resp.status, &resp.headers).await;
     }
     prepare_response_headers(&mut resp.headers, state.clock.now());
     let cache_status = CacheStatus::fwd(fwd).with_fwd_status(resp.status);
@@ -619,7 +619,8 @@ async fn lead(
                     request_time,
                     response_time,
                     generation,
-                );
+                )
+                .await;
                 flight.publish(Outcome::Revalidated(*key));
                 return;
             }
@@ -641,7 +642,7 @@ async fn lead(
 /// A matching 304: merge its fields (RFC 9111 §3.2), recompute freshness and persist it; if
 /// the merged response is no longer storable, drop the entry.
 #[allow(clippy::too_many_arguments)]
-fn freshen(
+async fn freshen(
     state: &ProxyState,
     key: VariantKey,
     entry: &Entry,
@@ -679,12 +680,16 @@ fn freshen(
             }
         }
     };
-    let body = entry.body.blake3;
-    let result = state
-        .store
-        .update_meta(&key, &body, merged, freshness, generation);
-    if let Err(e) = result {
-        tracing::debug!(url = %entry.url, error = %e, "revalidation result not kept");
+    let (store, body) = (state.store.clone(), entry.body.blake3);
+    // A sled transaction may wait on the disk: not on the worker serving hits.
+    let result = tokio::task::spawn_blocking(move || {
+        store.update_meta(&key, &body, merged, freshness, generation)
+    })
+    .await;
+    match result {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(url = %entry.url, error = %e, "revalidation result not kept"),
+        Err(e) => tracing::error!(url = %entry.url, error = %e, "revalidation task failed"),
     }
 }
 
@@ -1003,21 +1008,33 @@ fn receiver_stream(
 
 /// RFC 9111 §4.4: a successful unsafe request invalidates the target URI and same-origin
 /// Location / Content-Location.
-fn invalidate(ctx: &RequestCtx, state: &ProxyState, status: u16, resp: &HeaderList) {
-    for url in policy::invalidation_targets(&ctx.method, status, &ctx.url(), resp) {
-        let Some(primary) = PrimaryKey::from_url(&url) else {
-            continue;
-        };
-        match state.store.variants(&primary) {
-            Ok(variants) => {
-                for (key, _) in variants {
-                    if let Err(e) = state.store.remove(&key) {
-                        tracing::warn!(%url, error = %e, "invalidation failed");
-                    }
-                }
+async fn invalidate(ctx: &RequestCtx, state: &ProxyState, status: u16, resp: &HeaderList) {
+    let targets: Vec<PrimaryKey> =
+        policy::invalidation_targets(&ctx.method, status, &ctx.url(), resp)
+            .iter()
+            .filter_map(|url| PrimaryKey::from_url(url))
+            .collect();
+    if targets.is_empty() {
+        return;
+    }
+    // Fetches of these URLs already in flight carry the old content: nobody joins them from
+    // now on, and the store's URL fence refuses their results.
+    for primary in &targets {
+        state.flights.detach_url(primary.hash());
+    }
+    // Done before the client has its answer (its next GET must miss), but off the worker: a
+    // sled transaction per variant may wait on the disk.
+    let (store, now) = (state.store.clone(), ctx.now);
+    let purged = tokio::task::spawn_blocking(move || {
+        for primary in targets {
+            if let Err(e) = store.purge_url(&primary, false, now) {
+                tracing::warn!(url = %primary.url(), error = %e, "invalidation failed");
             }
-            Err(e) => tracing::warn!(%url, error = %e, "invalidation lookup failed"),
         }
+    })
+    .await;
+    if let Err(e) = purged {
+        tracing::error!(error = %e, "invalidation task failed");
     }
 }
 

@@ -56,6 +56,15 @@ pub(crate) enum FlightKey {
     Variant(VariantKey),
 }
 
+impl FlightKey {
+    fn primary_hash(&self) -> &[u8; 32] {
+        match self {
+            FlightKey::Url(hash) => hash,
+            FlightKey::Variant(key) => key.primary_hash(),
+        }
+    }
+}
+
 /// Every fetch in flight, and what recent fetches taught about their URLs.
 pub struct Flights {
     running: Mutex<HashMap<FlightKey, Arc<Flight>>>,
@@ -170,6 +179,24 @@ impl Flights {
     /// that arrives after it (their results are also refused by the store).
     pub fn detach_all(&self) {
         let flights: Vec<Arc<Flight>> = lock(&self.running).drain().map(|(_, f)| f).collect();
+        for flight in flights {
+            lock(&flight.keys).clear();
+            flight.stop_keeping_from_start();
+        }
+    }
+
+    /// Detaches the flights of one URL (every variant), as `detach_all` does for all: after an
+    /// unsafe method changed it, no later request is handed what was fetched before.
+    pub(crate) fn detach_url(&self, primary: &[u8; 32]) {
+        let flights: Vec<Arc<Flight>> = {
+            let mut running = lock(&self.running);
+            let keys: Vec<FlightKey> = running
+                .keys()
+                .filter(|k| k.primary_hash() == primary)
+                .copied()
+                .collect();
+            keys.iter().filter_map(|k| running.remove(k)).collect()
+        };
         for flight in flights {
             lock(&flight.keys).clear();
             flight.stop_keeping_from_start();

@@ -197,6 +197,44 @@ struct Flusher {
     thread: Option<JoinHandle<()>>,
 }
 
+/// URL fences kept before they are folded into one fence for everything.
+const MAX_URL_FENCES: usize = 4096;
+
+/// Purge fences: a write whose origin request was sent under generation `g` is refused if a
+/// fence for everything, or for its URL, was raised after `g`.
+#[derive(Default)]
+struct Fences {
+    refuse_all_before: u64,
+    /// Primary hash → the generation its last fence raised.
+    by_url: HashMap<[u8; 32], u64>,
+}
+
+impl Fences {
+    fn refuse(&self, key: &VariantKey, generation: u64) -> bool {
+        self.refuse_all_before > generation
+            || self
+                .by_url
+                .get(key.primary_hash())
+                .is_some_and(|&fence| fence > generation)
+    }
+
+    fn refuse_all(&mut self, generation: u64) {
+        self.refuse_all_before = generation;
+        // Every URL fence is older, so this one covers them.
+        self.by_url.clear();
+    }
+
+    /// Bounded memory: the older half of the URL fences becomes one fence for everything up to
+    /// them. Only writes that began before them (the longest-running ones) are refused too.
+    fn fold_oldest_half(&mut self) {
+        let mut raised: Vec<u64> = self.by_url.values().copied().collect();
+        let mid = raised.len() / 2;
+        let (_, &mut median, _) = raised.select_nth_unstable(mid);
+        self.refuse_all_before = self.refuse_all_before.max(median);
+        self.by_url.retain(|_, raised| *raised > median);
+    }
+}
+
 struct Shared {
     /// Accesses since the last persist: key → access stamp. Hits only write here.
     touches: Mutex<HashMap<VariantKey, u64>>,
@@ -220,12 +258,12 @@ struct Shared {
     index: Index,
     bodies: Bodies,
     inline_max: usize,
-    /// Bumped by every purge; a write that began under another generation is refused.
+    /// Bumped by every purge and URL fence; a write remembers it from before its origin request.
     generation: AtomicU64,
-    /// Writers hold it shared from their generation check to their transaction; a purge takes it
-    /// exclusively only to bump the generation. So a write either lands before the purge scans,
-    /// or sees the new generation.
-    purge_lock: RwLock<()>,
+    /// Which writes are refused. Writers hold it shared from their check to their transaction;
+    /// a purge takes it exclusively only to raise a fence. So a write either lands before the
+    /// purge scans, or sees the fence.
+    purge_lock: RwLock<Fences>,
     /// Body files released by committed transactions, to unlink after the next flush. Its lock
     /// also orders file installs against unlinks: an install + its reference happen under it,
     /// and an unlink re-checks the reference count under it.
@@ -293,7 +331,7 @@ impl Store {
             bodies,
             inline_max: opts.inline_max,
             generation: AtomicU64::new(0),
-            purge_lock: RwLock::new(()),
+            purge_lock: RwLock::new(Fences::default()),
             released: Mutex::new(ReleasedFiles::default()),
             flushing: Mutex::new(()),
             damaged: AtomicU64::new(0),
@@ -601,8 +639,8 @@ impl Store {
         let shared = self.shared();
         // Same rule as a body commit: a revalidation that began before a purge must not
         // make the purged (or soft-purged) entry fresh again.
-        let _guard = shared.purge_lock.read().unwrap_or_else(|e| e.into_inner());
-        if shared.generation.load(Ordering::SeqCst) != generation {
+        let fences = shared.purge_lock.read().unwrap_or_else(|e| e.into_inner());
+        if fences.refuse(key, generation) {
             return Err(StoreError::Superseded);
         }
         let updated = shared.index.update(key, Some(body), &|e: &mut Entry| {
@@ -646,7 +684,7 @@ impl Store {
         now: SystemTime,
     ) -> Result<usize, StoreError> {
         let s = self.shared();
-        s.bump_generation();
+        s.fence_url(primary.hash());
         s.purge(s.index.scan_primary(primary.hash()), soft, now)
     }
 
@@ -1056,9 +1094,22 @@ impl Shared {
         }
     }
 
+    /// Refuses every write whose origin request was sent before now.
     fn bump_generation(&self) {
-        let _exclusive = self.purge_lock.write().unwrap_or_else(|e| e.into_inner());
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        let mut fences = self.purge_lock.write().unwrap_or_else(|e| e.into_inner());
+        let now = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        fences.refuse_all(now);
+    }
+
+    /// Refuses the writes of one URL's variants whose origin request was sent before now; the
+    /// other URLs' fetches in flight are untouched.
+    fn fence_url(&self, primary: &[u8; 32]) {
+        let mut fences = self.purge_lock.write().unwrap_or_else(|e| e.into_inner());
+        let now = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        fences.by_url.insert(*primary, now);
+        if fences.by_url.len() > MAX_URL_FENCES {
+            fences.fold_oldest_half();
+        }
     }
 
     fn purge(
@@ -1112,8 +1163,8 @@ impl Shared {
         temp: Option<tempfile::TempPath>,
         generation: u64,
     ) -> Result<(), StoreError> {
-        let _shared = self.purge_lock.read().unwrap_or_else(|e| e.into_inner());
-        if self.generation.load(Ordering::SeqCst) != generation {
+        let fences = self.purge_lock.read().unwrap_or_else(|e| e.into_inner());
+        if fences.refuse(key, generation) {
             return Err(StoreError::Superseded);
         }
         // Before the file moves into place: a refused body is just a dropped temp file.

@@ -575,3 +575,51 @@ async fn a_hot_set_survives_a_scan_larger_than_max_size() {
     let (alive, _) = hot_set_after_scan(0).await;
     assert_eq!(alive, 0);
 }
+
+// A purge of one URL refuses that URL's writes begun before it (every variant), and only
+// those: other URLs' fetches in flight still land. Past MAX_URL_FENCES the oldest fences fold
+// into one for everything older, which still refuses what they refused.
+#[tokio::test]
+async fn a_url_purge_fences_that_urls_writes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let (a, b) = (
+        PrimaryKey::new("http", "f", "/a"),
+        PrimaryKey::new("http", "f", "/b"),
+    );
+    let before = store.purge_generation();
+    store.purge_url(&a, false, at(1000)).unwrap();
+    for v in ["x", "y"] {
+        let key = VariantKey::new(&a, &vary(v));
+        let mut w = store.begin_write_since(key, entry(a.url()), before);
+        w.write(b"old").await.unwrap();
+        assert!(matches!(w.commit(None).await, Err(StoreError::Superseded)));
+    }
+    let key_b = VariantKey::new(&b, &[]);
+    let mut w = store.begin_write_since(key_b, entry(b.url()), before);
+    w.write(b"other").await.unwrap();
+    w.commit(None).await.unwrap();
+    let after = store.purge_generation();
+    let mut w = store.begin_write_since(VariantKey::new(&a, &[]), entry(a.url()), after);
+    w.write(b"new").await.unwrap();
+    w.commit(None).await.unwrap();
+
+    // Many fences later the one for /a is folded, not forgotten.
+    for i in 0..=MAX_URL_FENCES {
+        store
+            .purge_url(
+                &PrimaryKey::new("http", "f", &format!("/n{i}")),
+                false,
+                at(1000),
+            )
+            .unwrap();
+    }
+    assert!(store.shared().purge_lock.read().unwrap().by_url.len() <= MAX_URL_FENCES);
+    let mut w = store.begin_write_since(VariantKey::new(&a, &vary("z")), entry(a.url()), before);
+    w.write(b"old").await.unwrap();
+    assert!(matches!(w.commit(None).await, Err(StoreError::Superseded)));
+    let recent = store.purge_generation();
+    let mut w = store.begin_write_since(key_b, entry(b.url()), recent);
+    w.write(b"fine").await.unwrap();
+    w.commit(None).await.unwrap();
+}

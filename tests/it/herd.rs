@@ -923,3 +923,52 @@ async fn surrogate_control_grace_serves_stale_on_error() {
     proxy.advance(Duration::from_secs(600));
     assert_eq!(get(&proxy.url("/sc"), &[]).await.status, 503);
 }
+
+// RFC 9111 §4.4: a successful POST invalidates the URL. A GET fetch that was already in flight
+// carries the old content: a request after the POST must not join it, and its result must not
+// be stored over the newer copy once it ends.
+#[actix_web::test]
+async fn a_post_fences_the_get_fetch_already_in_flight_for_its_url() {
+    let origin = TestOrigin::start().await;
+    origin.route("/doc", |req, n| {
+        if req.method == "POST" {
+            return Reply::status(204);
+        }
+        if n == 1 {
+            // The first version streams slowly: its fetch is still running when the POST lands.
+            Reply::ok("")
+                .header("cache-control", "max-age=600")
+                .body(Body::Slow {
+                    chunks: vec![Bytes::from("old "), Bytes::from("version")],
+                    pause: Duration::from_millis(600),
+                })
+        } else {
+            Reply::ok(format!("version {n}")).header("cache-control", "max-age=600")
+        }
+    });
+    let proxy = TestProxy::start(&origin).await;
+    let url = proxy.url("/doc");
+    let first = actix_web::rt::spawn({
+        let url = url.clone();
+        async move { read_all(&url, &[]).await }
+    });
+    actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+    let posted = try_send("POST", &url, &[], Bytes::from_static(b"change"))
+        .await
+        .unwrap();
+    assert_eq!(posted.status, 204);
+
+    let after = read_all(&url, &[]).await.unwrap();
+    assert_eq!(after.text(), "version 3", "{}", after.cache_status());
+    assert!(!after.cache_status().contains("collapsed"));
+    assert_eq!(first.await.unwrap().unwrap().text(), "old version");
+
+    let later = get(&url, &[]).await;
+    assert!(later.cache_status().starts_with("larder; hit"));
+    assert_eq!(
+        later.text(),
+        "version 3",
+        "the pre-POST fetch was stored over it"
+    );
+    assert_eq!(origin.hits("/doc"), 3);
+}
