@@ -39,7 +39,7 @@ pub(crate) const STREAM_WINDOW: u64 = 1 << 20;
 const READER_STALL_LIMIT: Duration = Duration::from_secs(30);
 
 /// Longest a response head waits for the first body bytes to go out with it (see
-/// [`Reader::wait_for_data`]); below the 40 ms a delayed ACK would cost.
+/// [`Reader::wait_for_data`]): short enough that a stalling body never hides the status.
 const FIRST_BYTES_WAIT: Duration = Duration::from_millis(25);
 
 /// Most marks each memory (uncacheable, range-forward, Vary) keeps at once.
@@ -630,10 +630,10 @@ impl Reader {
     }
 
     /// Waits until the next chunk (or the end) is there, without taking it, for at most
-    /// [`FIRST_BYTES_WAIT`]. Sending the head together with the first bytes keeps them in one
-    /// TCP segment: a head sent alone and the body a moment later can wait out the client's
-    /// delayed ACK (Nagle), 40 ms on Linux. The bound keeps a body that stalls (or fails) from
-    /// holding back the head: the client still sees the status before any cut.
+    /// [`FIRST_BYTES_WAIT`]. Sending the head together with the first bytes makes one write
+    /// (one segment, one syscall) instead of two; the client sockets have TCP_NODELAY, so this
+    /// saves a packet rather than a delayed-ACK stall. The bound keeps a body that stalls (or
+    /// fails) from holding back the head: the client still sees the status before any cut.
     pub(crate) async fn wait_for_data(&mut self) {
         let _ = tokio::time::timeout(FIRST_BYTES_WAIT, self.data_ready()).await;
     }
