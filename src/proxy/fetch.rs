@@ -43,7 +43,7 @@ pub(crate) async fn pass(
     payload: Option<web::Payload>,
     fwd: &str,
 ) -> HttpResponse {
-    let headers = forward_headers(ctx, false);
+    let headers = forward_headers(ctx);
     let body_len = ctx
         .headers
         .get_str("content-length")
@@ -545,9 +545,12 @@ fn start_lead(
     // A Range miss stores the full object only up to range_fill_max (see `deliver`).
     job.range_fill_max =
         (stale.is_none() && ctx.headers.contains("range")).then_some(state.range_fill_max);
+    // Stripped from the job itself: its Vary'd values and its forwarded fields both come from it.
     for name in CLIENT_ONLY_FIELDS {
         job.headers.remove(name);
     }
+    // A fetch for the cache must get a body it can store.
+    job.headers.remove("expect");
     let (state, upstream, fwd) = (state.clone(), upstream.clone(), fwd.to_string());
     // However the fetch ends (even by a panic, or the task dropped unpolled as a worker
     // stops), nobody may wait for it any longer: the guard exists before the task does.
@@ -575,7 +578,7 @@ async fn lead(
     let mut fwd = fwd.to_string();
     // A revalidation may turn into a plain refetch once (a 304 for another representation).
     for _attempt in 0..2 {
-        let mut headers = forward_headers(job, true);
+        let mut headers = forward_headers(job);
         if let Some((_, entry)) = &stale {
             // RFC 9111 §4.3.1: validate with the stored response's own validators.
             for (name, value) in policy::revalidation_headers(&entry.headers).iter() {
@@ -1057,18 +1060,11 @@ fn origin_error(e: &UpstreamError, cache_status: &CacheStatus) -> HttpResponse {
 }
 
 /// Headers sent to the origin: the client's end-to-end fields, Host as the client sent it,
-/// and the forwarding fields (X-Forwarded-For/-Proto, Via). For cache fetches the client's
-/// conditionals and Range are dropped (see CLIENT_ONLY_FIELDS).
-fn forward_headers(ctx: &RequestCtx, for_cache: bool) -> HeaderList {
+/// and the forwarding fields (X-Forwarded-For/-Proto, Via). (A cache fetch's job has already
+/// lost the client's conditionals and Range: see `start_lead`.)
+fn forward_headers(ctx: &RequestCtx) -> HeaderList {
     let mut headers = ctx.headers.clone();
     policy::strip_hop_by_hop(&mut headers);
-    if for_cache {
-        for name in CLIENT_ONLY_FIELDS {
-            headers.remove(name);
-        }
-        // A fetch for the cache must get a body it can store.
-        headers.remove("expect");
-    }
     if let Some(ip) = ctx.peer {
         let xff = match headers.joined("x-forwarded-for") {
             Some(prev) => format!("{prev}, {ip}"),
@@ -1077,10 +1073,7 @@ fn forward_headers(ctx: &RequestCtx, for_cache: bool) -> HeaderList {
         headers.set("x-forwarded-for", xff);
     }
     headers.set("x-forwarded-proto", "http");
-    let via = match headers.joined("via") {
-        Some(prev) => format!("{prev}, {}", respond::VIA),
-        None => respond::VIA.to_string(),
-    };
+    let via = respond::append_member(headers.joined("via"), respond::VIA);
     headers.set("via", via);
     headers
 }

@@ -105,20 +105,24 @@ impl Plan {
     }
 }
 
-/// 32 bytes that differ per response: a hash of the time and a process-wide counter.
+/// 32 bytes that differ per response: a process-wide counter hashed under a key drawn once
+/// per process (std's hash seed), so a boundary cannot be guessed from another response.
 fn rand_bytes() -> [u8; 32] {
+    use std::hash::BuildHasher;
+    use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        let seed = std::collections::hash_map::RandomState::new();
+        let mut h = blake3::Hasher::new();
+        for i in 0..4u64 {
+            h.update(&seed.hash_one(i).to_le_bytes());
+        }
+        *h.finalize().as_bytes()
+    });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let mut h = blake3::Hasher::new();
-    h.update(&n.to_le_bytes());
-    h.update(&t.to_le_bytes());
-    h.update(&std::process::id().to_le_bytes());
-    *h.finalize().as_bytes()
+    *blake3::keyed_hash(key, &n.to_le_bytes()).as_bytes()
 }
 
 /// The range answer this request wants from a complete `status` response with `headers` and

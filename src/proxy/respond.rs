@@ -313,7 +313,7 @@ fn finish_headers(
     ));
 }
 
-fn append_member(list: Option<String>, member: &str) -> String {
+pub(super) fn append_member(list: Option<String>, member: &str) -> String {
     match list {
         Some(l) if !l.trim().is_empty() => format!("{l}, {member}"),
         _ => member.to_string(),
