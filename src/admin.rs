@@ -70,6 +70,7 @@ struct PurgeRequest {
     soft: bool,
 }
 
+#[derive(Clone)]
 enum Selector {
     Url(PrimaryKey),
     Prefix(String),
@@ -181,20 +182,25 @@ async fn purge(req: HttpRequest, body: Bytes, state: web::Data<AdminState>) -> H
     };
     let now = state.clock.now();
     // Requests after this purge must not join a fetch that began before it. The store's purge
-    // bumps the generation that refuses such fetches' commits; a fetch started between this
-    // detach and that bump is caught by the second one.
-    state.flights.detach_all();
+    // raises the fence that refuses such fetches' commits; a fetch started between this
+    // detach and that fence is caught by the second one. A URL purge touches only its flights.
+    let detach = |selector: &Selector| match selector {
+        Selector::Url(primary) => state.flights.detach_url(primary.hash()),
+        _ => state.flights.detach_all(),
+    };
+    detach(&selector);
     let store = state.store.clone();
     // A purge walks and rewrites many records: keep it off the admin worker, which must go on
     // answering /healthz and /metrics.
-    let result = tokio::task::spawn_blocking(move || match &selector {
+    let purging = selector.clone();
+    let result = tokio::task::spawn_blocking(move || match &purging {
         Selector::Url(primary) => store.purge_url(primary, soft, now),
         Selector::Prefix(prefix) => store.purge_prefix(prefix, soft, now),
         Selector::Tag(tag) => store.purge_tag(tag, soft, now),
         Selector::All => store.purge_all(soft, now),
     })
     .await;
-    state.flights.detach_all();
+    detach(&selector);
     let purged = match result {
         Ok(Ok(n)) => n,
         Ok(Err(e)) => return store_error(e),

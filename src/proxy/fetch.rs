@@ -15,7 +15,7 @@ use super::respond::{self, CacheStatus};
 use super::{ProxyState, RequestCtx, select_variant};
 use crate::key::{PrimaryKey, VariantKey};
 use crate::policy::{self, HeaderList, Lookup, Storable, Vary};
-use crate::store::{BodyInfo, BodyWriter, Entry, StoreError};
+use crate::store::{BodyInfo, BodyWriter, Entry, StoreError, Variants};
 use crate::upstream::{Upstream, UpstreamBody, UpstreamError, UpstreamResponse};
 
 /// Request fields a cache fetch must not forward: the client's own conditionals and ranges
@@ -144,10 +144,17 @@ pub(crate) async fn fetch_for_cache(
         if leader {
             // The lookup that sent this request here ran before the join: a fetch that
             // committed and left in between has stored what we were about to fetch again.
-            if let Some(resp) = stored_meanwhile(ctx, state, &primary).await {
+            // Checked and handed over before any await: a request dropped meanwhile must not
+            // leave a registered flight that nobody leads.
+            if let Some(stored) = fresh_in_store(ctx, state, &primary) {
                 state.flights.detach(&flight);
                 flight.publish(Outcome::Stored);
-                return resp;
+                flight.finish(Ok(()));
+                if let Some(resp) = serve_fresh(ctx, state, &stored).await {
+                    return resp;
+                }
+                // Its body proved damaged (and the entry is dropped): fetch it.
+                return fetch_alone(ctx, state, upstream, primary, None, fwd).await;
             }
             let reader = flight.reader();
             start_lead(
@@ -171,7 +178,7 @@ pub(crate) async fn fetch_for_cache(
         let turn = match flight.reader() {
             Some(reader) => match flight.outcome(state.flights.wait_timeout).await {
                 Some(outcome) => {
-                    wait_answer(ctx, state, outcome, reader, stale.as_ref(), fwd).await
+                    wait_answer(ctx, state, &primary, outcome, reader, stale.as_ref(), fwd).await
                 }
                 // The leader's origin is too slow: stop waiting and ask on our own.
                 None => Turn::Alone,
@@ -194,19 +201,34 @@ pub(crate) async fn fetch_for_cache(
     fetch_alone(ctx, state, upstream, primary, stale, fwd).await
 }
 
-/// A fresh stored answer for this request, if one was committed since its lookup.
-async fn stored_meanwhile(
+/// The URL's variants, if one committed since this request's lookup answers it fresh. (Not
+/// counted as another use for eviction: the request's own lookup was.)
+fn fresh_in_store(ctx: &RequestCtx, state: &ProxyState, primary: &PrimaryKey) -> Option<Variants> {
+    let variants = state.store.peek(primary).ok()?;
+    let variant = super::selected(&variants, &ctx.headers, &state.policy)?;
+    let fresh = policy::lookup(&ctx.headers, &variant.entry.freshness, ctx.now) == Lookup::Fresh;
+    fresh.then_some(variants)
+}
+
+/// A hit from what [`fresh_in_store`] found; `None` if its body proved damaged.
+async fn serve_fresh(
     ctx: &RequestCtx,
     state: &ProxyState,
-    primary: &PrimaryKey,
+    stored: &Variants,
 ) -> Option<HttpResponse> {
-    let variants = state.store.lookup(primary).ok()?;
-    let variant = super::selected(&variants, &ctx.headers, &state.policy)?;
-    if policy::lookup(&ctx.headers, &variant.entry.freshness, ctx.now) != Lookup::Fresh {
-        return None;
-    }
+    let variant = super::selected(stored, &ctx.headers, &state.policy)?;
     let status = CacheStatus::hit(&variant.entry, ctx.now);
     respond::from_variant(ctx, state, variant, status).await
+}
+
+/// A waiter whose leader found the response stored after all: the stored copy, else a rejoin.
+async fn from_stored(ctx: &RequestCtx, state: &ProxyState, primary: &PrimaryKey) -> Turn {
+    match fresh_in_store(ctx, state, primary) {
+        Some(stored) => serve_fresh(ctx, state, &stored)
+            .await
+            .map_or(Turn::Alone, Turn::Done),
+        None => Turn::Rejoin,
+    }
 }
 
 /// The key this request's fetch is coalesced under: its variant when the URL's Vary is known
@@ -338,6 +360,7 @@ fn reads_unstored_range(ctx: &RequestCtx, state: &ProxyState, head: &SharedHead)
 async fn wait_answer(
     ctx: &RequestCtx,
     state: &ProxyState,
+    primary: &PrimaryKey,
     outcome: Outcome,
     reader: Reader,
     stale: Option<&(VariantKey, Entry)>,
@@ -356,8 +379,11 @@ async fn wait_answer(
             let cache_status = CacheStatus::fwd(fwd).with_detail(detail).collapsed();
             Turn::Done(respond::plain_error_with(status, &message, &cache_status))
         }
-        // Its leader found the store filled after all and left the flight: look again.
-        Outcome::Stored => Turn::Rejoin,
+        // Its leader found the store filled after all and left the flight.
+        Outcome::Stored => {
+            drop(reader);
+            from_stored(ctx, state, primary).await
+        }
         Outcome::Revalidated(key) => {
             drop(reader);
             let status = CacheStatus::fwd("stale").with_fwd_status(304).collapsed();
@@ -403,8 +429,10 @@ async fn after_store(
     let Some(Ok(())) = flight.ended(state.flights.wait_timeout).await else {
         return Turn::Alone;
     };
-    let Some(Outcome::Response(head)) = flight.published() else {
-        return Turn::Alone;
+    let head = match flight.published() {
+        Some(Outcome::Response(head)) => head,
+        Some(Outcome::Stored) => return from_stored(ctx, state, primary).await,
+        _ => return Turn::Alone,
     };
     match head.share {
         Share::Everyone => {}
@@ -1090,4 +1118,153 @@ fn content_length(headers: &HeaderList) -> Option<u64> {
     headers
         .get_str("content-length")
         .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The hand-over when a fetch's leader finds the response already stored: driven through a
+    //! real store and flights, with an origin that refuses connections (any origin request
+    //! would answer 502).
+
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use actix_web::web;
+
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::config::{Config, Overrides, RawConfig};
+    use crate::metrics::Metrics;
+    use crate::policy::Freshness;
+    use crate::proxy::Flights;
+    use crate::store::{Store, StoreOptions};
+
+    fn state_and_upstream(dir: &std::path::Path) -> (web::Data<ProxyState>, web::Data<Upstream>) {
+        // Port 9 on loopback: nothing listens, so a fetch fails fast with 502.
+        let overrides = Overrides {
+            origin: Some("http://127.0.0.1:9".into()),
+            ..Overrides::default()
+        };
+        let config = Config::from_raw(RawConfig::default(), &overrides, None).unwrap();
+        let store = Store::open(dir, StoreOptions::default()).unwrap();
+        let state = ProxyState {
+            store,
+            policy: config.policy.clone(),
+            clock: Arc::new(SystemClock),
+            max_object_size: u64::MAX,
+            range_fill_max: config.coalescing.range_fill_max,
+            flights: Arc::new(Flights::new(&config.coalescing)),
+            metrics: Arc::new(Metrics::new()),
+            limits: super::super::RequestLimits {
+                max_uri_length: 8192,
+                max_header_size: 32768,
+            },
+            refresh_slots: Arc::new(tokio::sync::Semaphore::new(4)),
+        };
+        (
+            web::Data::new(state),
+            web::Data::new(Upstream::new(&config.origin)),
+        )
+    }
+
+    fn ctx(now: SystemTime) -> RequestCtx {
+        RequestCtx {
+            method: "GET".into(),
+            is_head: false,
+            host: "stored.test".into(),
+            path_and_query: "/x".into(),
+            headers: HeaderList::new(),
+            peer: None,
+            now,
+            range_fill_max: None,
+        }
+    }
+
+    async fn store_fresh(state: &ProxyState, primary: &PrimaryKey, now: SystemTime) {
+        let entry = Entry {
+            url: primary.url().to_string(),
+            status: 200,
+            headers: HeaderList::new(),
+            vary: Vec::new(),
+            freshness: Freshness {
+                request_time: now,
+                response_time: now,
+                corrected_initial_age: Duration::ZERO,
+                lifetime: Duration::from_secs(600),
+                stale_while_revalidate: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+                must_revalidate: false,
+                no_cache: false,
+            },
+            tags: Vec::new(),
+            stored_at: now,
+            body: BodyInfo::default(),
+        };
+        let mut w = state
+            .store
+            .begin_write(VariantKey::new(primary, &[]), entry);
+        w.write(b"stored body").await.unwrap();
+        w.commit(None).await.unwrap();
+    }
+
+    async fn text(resp: HttpResponse) -> (u16, String) {
+        let status = resp.status().as_u16();
+        let body = actix_web::body::to_bytes(resp.into_body()).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    // A request whose lookup missed just before another fetch committed becomes a leader with
+    // the answer already stored: it is a hit, no origin request (which would be a 502 here),
+    // and the flight it registered is gone again.
+    #[actix_web::test]
+    async fn a_leader_that_finds_the_response_stored_answers_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, upstream) = state_and_upstream(dir.path());
+        let now = SystemTime::now();
+        let primary = PrimaryKey::new("http", "stored.test", "/x");
+        store_fresh(&state, &primary, now).await;
+        let resp =
+            fetch_for_cache(&ctx(now), &state, &upstream, primary.clone(), None, "miss").await;
+        assert_eq!(text(resp).await, (200, "stored body".into()));
+        let (_, leader) = state.flights.join(FlightKey::Url(*primary.hash()));
+        assert!(leader, "no flight left registered");
+    }
+
+    // A waiter whose leader hands over with `Stored` (after the waiter joined) is served the
+    // stored copy, not sent to the origin; so is one that joined too late to read the body.
+    #[actix_web::test]
+    async fn waiters_of_a_handed_over_flight_are_served_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, upstream) = state_and_upstream(dir.path());
+        let now = SystemTime::now();
+        let primary = PrimaryKey::new("http", "stored.test", "/x");
+        let (flight, leader) = state.flights.join(FlightKey::Url(*primary.hash()));
+        assert!(leader);
+        let waiter = {
+            let (state, upstream, primary) = (state.clone(), upstream.clone(), primary.clone());
+            actix_web::rt::spawn(async move {
+                let resp =
+                    fetch_for_cache(&ctx(now), &state, &upstream, primary, None, "miss").await;
+                text(resp).await
+            })
+        };
+        let late = {
+            let (state, upstream, primary) = (state.clone(), upstream.clone(), primary.clone());
+            let flight = flight.clone();
+            actix_web::rt::spawn(async move {
+                // Joins the same flight once it no longer keeps the body from the start.
+                flight.stop_keeping_from_start();
+                let resp =
+                    fetch_for_cache(&ctx(now), &state, &upstream, primary, None, "miss").await;
+                text(resp).await
+            })
+        };
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        store_fresh(&state, &primary, now).await;
+        state.flights.detach(&flight);
+        flight.publish(Outcome::Stored);
+        flight.finish(Ok(()));
+        assert_eq!(waiter.await.unwrap(), (200, "stored body".into()));
+        assert_eq!(late.await.unwrap(), (200, "stored body".into()));
+    }
 }

@@ -187,7 +187,7 @@ impl Flights {
 
     /// Detaches the flights of one URL (every variant), as `detach_all` does for all: after an
     /// unsafe method changed it, no later request is handed what was fetched before.
-    pub(crate) fn detach_url(&self, primary: &[u8; 32]) {
+    pub fn detach_url(&self, primary: &[u8; 32]) {
         let flights: Vec<Arc<Flight>> = {
             let mut running = lock(&self.running);
             let keys: Vec<FlightKey> = running

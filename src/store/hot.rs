@@ -12,7 +12,7 @@
 //! [`Store::lookup`]: super::Store::lookup
 
 use std::any::Any;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -64,12 +64,13 @@ pub(super) struct Hot {
     /// happened since it started reading.
     version: AtomicU64,
     /// Bodies whose copy a read is making (see [`Filling`]).
-    filling: Mutex<HashSet<[u8; 32]>>,
+    filling: Mutex<HashMap<[u8; 32], u64>>,
 }
 
 /// A read of a body file that keeps a copy for the hot tier. At most one per body at a time,
-/// so a burst of cold requests for one URL buffers one copy, not one each; the mark goes when
-/// the read ends, whether or not it verified.
+/// so a burst of cold requests for one URL buffers one copy, not one each, and copies of at
+/// most a quarter of the body budget at once; the mark goes when the read ends, whether or not
+/// it verified.
 pub(super) struct Filling {
     shared: Arc<super::Shared>,
     blake3: [u8; 32],
@@ -85,12 +86,15 @@ impl Filling {
         if !hot.takes_body(len) || hot.bodies.get(&blake3).is_some() {
             return None;
         }
-        let fresh = hot
-            .filling
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(blake3);
-        fresh.then(|| Filling {
+        let mut filling = hot.filling.lock().unwrap_or_else(|e| e.into_inner());
+        // The copies being made count against nothing else: bound them (slow readers of many
+        // distinct bodies would otherwise hold one each).
+        let held: u64 = filling.values().sum();
+        if filling.contains_key(&blake3) || held + len > hot.bodies.budget as u64 / 4 {
+            return None;
+        }
+        filling.insert(blake3, len);
+        Some(Filling {
             shared: shared.clone(),
             blake3,
         })
@@ -123,7 +127,7 @@ impl Hot {
             bodies: Clock::new(bodies),
             body_max: (budget - budget / 4) / 8,
             version: AtomicU64::new(0),
-            filling: Mutex::new(HashSet::new()),
+            filling: Mutex::new(HashMap::new()),
         }
     }
 
@@ -422,6 +426,38 @@ mod tests {
             out
         }
 
+        // A URL purge (what every successful POST does) forgets that URL's records only: the
+        // other URLs' hits keep coming from memory.
+        #[tokio::test]
+        async fn a_url_purge_leaves_other_urls_records_in_memory() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = hot_store(dir.path());
+            let (a, b) = (
+                PrimaryKey::new("http", "x", "/a"),
+                PrimaryKey::new("http", "x", "/b"),
+            );
+            for p in [&a, &b] {
+                let mut w = store.begin_write(VariantKey::new(p, &[]), entry(p.url(), "1"));
+                w.write(b"body").await.unwrap();
+                w.commit(None).await.unwrap();
+                store.lookup(p).unwrap();
+            }
+            let hot = &store.shared().hot;
+            assert!(hot.records(a.hash()).is_some() && hot.records(b.hash()).is_some());
+            store.purge_url(&b, false, at(2000)).unwrap();
+            assert!(hot.records(b.hash()).is_none());
+            assert!(
+                hot.records(a.hash()).is_some(),
+                "another URL's record was dropped"
+            );
+            store
+                .purge_url(&PrimaryKey::new("http", "x", "/none"), true, at(2000))
+                .unwrap();
+            assert!(hot.records(a.hash()).is_some());
+            store.purge_prefix("http://x/", false, at(2000)).unwrap();
+            assert!(hot.records(a.hash()).is_none());
+        }
+
         #[tokio::test]
         async fn every_change_to_an_entry_is_seen_by_the_next_lookup() {
             let dir = tempfile::tempdir().unwrap();
@@ -554,6 +590,26 @@ mod tests {
             assert_eq!(drain(b).await, (body.clone(), false));
             assert_eq!(store.shared().hot.body(&hash).as_deref(), Some(&body[..]));
             assert!(store.shared().hot.filling.lock().unwrap().is_empty());
+
+            // A reader that goes away early leaves no mark: the next cold read makes the copy.
+            let p3 = PrimaryKey::new("http", "x", "/h");
+            let key3 = VariantKey::new(&p3, &[]);
+            let third: Vec<u8> = body.iter().map(|b| b.wrapping_add(2)).collect();
+            let mut w = store.begin_write(key3, entry(p3.url(), "1"));
+            w.write(&third).await.unwrap();
+            let e3 = w.commit(None).await.unwrap();
+            let mut s = store.open_body(&key3, &e3).await.unwrap();
+            assert!(s.next().await.unwrap().is_ok());
+            drop(s);
+            assert!(store.shared().hot.filling.lock().unwrap().is_empty());
+            assert_eq!(
+                drain(store.open_body(&key3, &e3).await.unwrap()).await,
+                (third.clone(), false)
+            );
+            assert_eq!(
+                store.shared().hot.body(&e3.body.blake3).as_deref(),
+                Some(&third[..])
+            );
 
             // A damaged file: the read fails at its end and keeps nothing.
             let p2 = PrimaryKey::new("http", "x", "/g");

@@ -197,8 +197,10 @@ struct Flusher {
     thread: Option<JoinHandle<()>>,
 }
 
-/// URL fences kept before they are folded into one fence for everything.
-const MAX_URL_FENCES: usize = 4096;
+/// URL fences kept before the older half is folded into one fence for everything (about 2 MiB;
+/// at 500 POSTs a second to distinct URLs a fold comes every minute or so, and refuses only
+/// writes whose origin request is older than the folded fences).
+const MAX_URL_FENCES: usize = 1 << 15;
 
 /// Purge fences: a write whose origin request was sent under generation `g` is refused if a
 /// fence for everything, or for its URL, was raised after `g`.
@@ -387,9 +389,14 @@ impl Store {
     /// Every stored variant of a URL, for serving: from the hot tier when it holds the URL,
     /// else read from the index (and kept in the hot tier).
     pub fn lookup(&self, primary: &PrimaryKey) -> Result<Variants, StoreError> {
-        let s = self.shared();
         // Every lookup, hit or miss, counts for eviction (TinyLFU, memory only).
-        s.sketch.record(primary.hash());
+        self.shared().sketch.record(primary.hash());
+        self.peek(primary)
+    }
+
+    /// [`Store::lookup`] without counting a use: a second look on behalf of the same request.
+    pub fn peek(&self, primary: &PrimaryKey) -> Result<Variants, StoreError> {
+        let s = self.shared();
         if let Some(hit) = s.hot.records(primary.hash()) {
             return Ok(hit);
         }
@@ -685,6 +692,7 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let s = self.shared();
         s.fence_url(primary.hash());
+        // One URL: the other URLs' hot records stay (a POST must not empty the hot tier).
         s.purge(s.index.scan_primary(primary.hash()), soft, now)
     }
 
@@ -697,6 +705,7 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let s = self.shared();
         s.bump_generation();
+        let _forget = ForgetHotRecords(&s.hot);
         s.purge(s.index.scan_url_prefix(url_prefix), soft, now)
     }
 
@@ -704,6 +713,7 @@ impl Store {
     pub fn purge_tag(&self, tag: &str, soft: bool, now: SystemTime) -> Result<usize, StoreError> {
         let s = self.shared();
         s.bump_generation();
+        let _forget = ForgetHotRecords(&s.hot);
         s.purge(s.index.scan_tag(tag), soft, now)
     }
 
@@ -711,6 +721,7 @@ impl Store {
     pub fn purge_all(&self, soft: bool, now: SystemTime) -> Result<usize, StoreError> {
         let s = self.shared();
         s.bump_generation();
+        let _forget = ForgetHotRecords(&s.hot);
         s.purge(s.index.scan_all(), soft, now)
     }
 
@@ -1119,14 +1130,14 @@ impl Shared {
         now: SystemTime,
     ) -> Result<usize, StoreError> {
         let mut affected = 0;
-        // However the purge ends, nothing it may have changed stays in memory.
-        let _forget = ForgetHotRecords(&self.hot);
         for item in matching {
             let (key, _) = item?;
             let hit = if soft {
-                self.index.update(&key, None, &|e: &mut Entry| {
+                let updated = self.index.update(&key, None, &|e: &mut Entry| {
                     e.freshness = e.freshness.expired_at(now);
-                })?
+                });
+                self.hot.invalidate(&key);
+                updated?
             } else {
                 self.remove_entry(&key, None)?
             };
@@ -1247,7 +1258,8 @@ impl Shared {
     }
 }
 
-/// Drops every hot record when a purge ends, by whatever path.
+/// Forgets every hot record when a purge of many URLs ends, however it ends (each changed
+/// entry's URL is also forgotten as it changes).
 struct ForgetHotRecords<'a>(&'a hot::Hot);
 
 impl Drop for ForgetHotRecords<'_> {
