@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Profiles Larder's hit path under wrk load with perf (software cpu-clock event, DWARF
 # call graphs, so it works without hardware counters):
-#   benches/load/profile.sh            # 1k hits; SIZE=256k, SECONDS_PROFILED=8, PORT_BASE
+#   benches/load/profile.sh            # 1k hits; SIZE=256k, SECONDS_PROFILED=8, PORT_BASE,
+#                                      # MISS=1 (every request a new URL: the miss path)
 # Prints the top self-cost symbols and the top inclusive ones. Needs `perf` (linux-perf).
 set -euo pipefail
 SIZE=${SIZE:-1k}
@@ -39,7 +40,20 @@ for _ in $(seq 20); do
     curl -s -D - -o /dev/null "http://127.0.0.1:$LARDER_PORT/$SIZE" | grep -qi '^cache-status: larder; hit' && break
     sleep 0.2
 done
-timeout $((SECS + 30)) taskset -c 0 wrk -t1 -c"$CONNS" -d$((SECS + 4))s "http://127.0.0.1:$LARDER_PORT/$SIZE" > "$TMP/wrk.txt" &
+WRK_SCRIPT=()
+if [[ ${MISS:-0} == 1 ]]; then
+    # Every request a new URL: the miss path (origin fetch, store commit).
+    cat > "$TMP/miss.lua" <<'LUA'
+local n = 0
+request = function()
+    n = n + 1
+    return wrk.format("GET", "/__SIZE__?profile-miss-" .. n)
+end
+LUA
+    sed -i "s|__SIZE__|$SIZE|" "$TMP/miss.lua"
+    WRK_SCRIPT=(-s "$TMP/miss.lua")
+fi
+timeout $((SECS + 30)) taskset -c 0 wrk -t1 -c"$CONNS" -d$((SECS + 4))s "${WRK_SCRIPT[@]}" "http://127.0.0.1:$LARDER_PORT/$SIZE" > "$TMP/wrk.txt" &
 WRK=$!
 sleep 2
 perf record -q -F 499 -e cpu-clock --call-graph dwarf,32768 -o "$TMP/perf.data" -p "$LARDER_PID" -- sleep "$SECS" 2>/dev/null
