@@ -41,7 +41,8 @@ nginx -p "$TMP/origin" -e "$TMP/origin/error.log" -c "$TMP/origin/nginx.conf" & 
 valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.out" --instr-atstart=no \
     "${LARDER_BIN:-$ROOT/target/release/larder}" serve --config "$TMP/larder/larder.toml" > "$TMP/larder/out.log" 2>&1 &
 LARDER_PID=$!; PIDS+=($LARDER_PID)
-for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:$LARDER_ADMIN_PORT/healthz" && break; sleep 0.1; done
+# Under valgrind the start takes one to two minutes on these machines.
+for _ in $(seq 3000); do curl -s -o /dev/null "http://127.0.0.1:$LARDER_ADMIN_PORT/healthz" && break; sleep 0.1; done
 for _ in $(seq 50); do
     curl -s -D - -o /dev/null "http://127.0.0.1:$LARDER_PORT/$SIZE" | grep -qi '^cache-status: larder; hit' && break
     sleep 0.2

@@ -5,6 +5,7 @@ mod support;
 mod admin;
 mod bounds;
 mod cli;
+mod fuzz_checks;
 mod herd;
 mod hostile;
 mod ops;
