@@ -56,7 +56,7 @@ fn main() {
     let stop_started = Instant::now();
     stop(child);
     println!(
-        "graceful stop (with sled snapshot) took {:.1} s",
+        "graceful stop took {:.1} s",
         stop_started.elapsed().as_secs_f64()
     );
     let (first, rss, child) = start_and_hit(dir.path(), n);

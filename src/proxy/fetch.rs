@@ -439,16 +439,20 @@ async fn after_store(
         Share::Uncacheable => return Turn::Uncacheable,
         Share::NotFilled => return Turn::Rejoin,
     }
-    let variants = state.store.variants(primary).unwrap_or_default();
-    let Some((key, entry)) = select_variant(variants, &ctx.headers, &state.policy) else {
+    // (A look on behalf of this request's own lookup: not counted as another use.)
+    let Ok(variants) = state.store.peek(primary) else {
+        return Turn::Alone;
+    };
+    let Some(variant) = super::selected(&variants, &ctx.headers, &state.policy) else {
         return Turn::Rejoin;
     };
     // Only the copy that fetch just stored (a failed commit may have left an older one).
-    if policy::lookup(&ctx.headers, &entry.freshness, state.clock.now()) != Lookup::Fresh {
+    let freshness = &variant.entry.freshness;
+    if policy::lookup(&ctx.headers, freshness, state.clock.now()) != Lookup::Fresh {
         return Turn::Alone;
     }
     let status = head.cache_status.clone().collapsed();
-    match respond::from_store(ctx, state, &key, &entry, status).await {
+    match respond::from_variant(ctx, state, variant, status).await {
         Some(resp) => Turn::Done(resp),
         None => Turn::Alone,
     }
