@@ -252,9 +252,20 @@ fn kill(pid: u32, signal: &str) {
     assert!(ok.success());
 }
 
-// SIGTERM while a response streams: the client still gets all of it, then the process exits 0.
+// SIGTERM (systemd's stop) while a response streams: the client still gets all of it, then the
+// process exits 0.
 #[actix_web::test]
 async fn sigterm_lets_an_in_flight_response_finish() {
+    a_stop_signal_lets_an_in_flight_response_finish("TERM").await;
+}
+
+// SIGINT (Ctrl-C) is the same graceful stop.
+#[actix_web::test]
+async fn sigint_lets_an_in_flight_response_finish() {
+    a_stop_signal_lets_an_in_flight_response_finish("INT").await;
+}
+
+async fn a_stop_signal_lets_an_in_flight_response_finish(signal: &'static str) {
     let origin = TestOrigin::start().await;
     let (reply, whole) = slow_reply(6, Duration::from_millis(250));
     origin.fixed("/slow", reply);
@@ -265,7 +276,7 @@ async fn sigterm_lets_an_in_flight_response_finish() {
 
     let raw = tokio::task::spawn_blocking(move || {
         let (mut s, mut out) = start_get(addr, "/slow");
-        kill(pid, "TERM");
+        kill(pid, signal);
         read_rest(&mut s, &mut out);
         out
     })
@@ -276,7 +287,7 @@ async fn sigterm_lets_an_in_flight_response_finish() {
     assert_eq!(
         body_of(&raw).as_deref(),
         Some(whole.as_str()),
-        "complete body after SIGTERM: {text}"
+        "complete body after SIG{signal}: {text}"
     );
     let status = tokio::task::spawn_blocking(move || {
         let status = wait_with_timeout(&mut larder.child, Duration::from_secs(40));
@@ -1201,4 +1212,53 @@ async fn socket_activation_serves_on_the_passed_listeners() {
     let status = wait_with_timeout(&mut child.0, Duration::from_secs(30));
     assert!(status.success(), "{status:?}");
     drop((taken_a, taken_b));
+}
+
+// SIGTERM while a background refresh (stale-while-revalidate) waits on a slow origin: the
+// refresh answers no client, so the stop does not wait for it; it is dropped whole (nothing
+// half-stored), the process exits 0, and the entry it was refreshing is intact at the next start.
+#[actix_web::test]
+async fn sigterm_drops_a_pending_background_refresh_cleanly() {
+    let origin = TestOrigin::start().await;
+    origin.route("/swr", |_, n| {
+        let reply = Reply::ok(format!("version {n}"))
+            .header("cache-control", "max-age=1, stale-while-revalidate=600");
+        if n == 1 {
+            reply
+        } else {
+            reply.delay(Duration::from_secs(20))
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (url, path) = (origin.url(), dir.path().display().to_string());
+    let first = LarderProcess::spawn(&serve_args(&url, &path));
+    assert_eq!(get(&first.url("/swr"), HOST).await.text(), "version 1");
+    actix_web::rt::time::sleep(Duration::from_millis(2100)).await;
+    let stale = get(&first.url("/swr"), HOST).await;
+    assert_eq!(stale.text(), "version 1");
+    assert!(
+        stale.cache_status().contains("stale-while-revalidate"),
+        "{}",
+        stale.cache_status()
+    );
+    for _ in 0..200 {
+        if origin.hits("/swr") == 2 {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(origin.hits("/swr"), 2, "the refresh is at the origin");
+
+    let stopping = Instant::now();
+    let status = first.terminate();
+    assert!(status.success(), "exit 0, got {status:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "the stop waited {:?} for a refresh nobody waits for",
+        stopping.elapsed()
+    );
+    let second = LarderProcess::spawn(&serve_args(&url, &path));
+    let again = get(&second.url("/swr"), HOST).await;
+    assert_eq!(again.text(), "version 1", "{}", again.cache_status());
+    assert!(again.cache_status().starts_with("larder; hit"));
 }
