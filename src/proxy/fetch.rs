@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 
-use super::flight::{Flight, FlightKey, LeadGuard, Outcome, Reader, Share, SharedHead};
+use super::flight::{Flight, FlightKey, Flights, LeadGuard, Outcome, Reader, Share, SharedHead};
 use super::range;
 use super::respond::{self, CacheStatus};
 use super::{ProxyState, RequestCtx, select_variant};
@@ -145,8 +145,11 @@ pub(crate) async fn fetch_for_cache(
             // The lookup that sent this request here ran before the join: a fetch that
             // committed and left in between has stored what we were about to fetch again.
             // Checked and handed over before any await: a request dropped meanwhile must not
-            // leave a registered flight that nobody leads.
-            if let Some(stored) = fresh_in_store(ctx, state, &primary) {
+            // leave a registered flight that nobody leads (nor a panic in the check).
+            let mut unled = Unled(Some((&state.flights, &flight)));
+            let stored = fresh_in_store(ctx, state, &primary);
+            unled.0 = None;
+            if let Some(stored) = stored {
                 state.flights.detach(&flight);
                 flight.publish(Outcome::Stored);
                 flight.finish(Ok(()));
@@ -199,6 +202,18 @@ pub(crate) async fn fetch_for_cache(
         }
     }
     fetch_alone(ctx, state, upstream, primary, stale, fwd).await
+}
+
+/// Ends a flight nobody will lead if dropped while armed (see `fetch_for_cache`).
+struct Unled<'a>(Option<(&'a Flights, &'a Arc<Flight>)>);
+
+impl Drop for Unled<'_> {
+    fn drop(&mut self) {
+        if let Some((flights, flight)) = self.0.take() {
+            flights.detach(flight);
+            flight.finish(Err("cache lookup failed".into()));
+        }
+    }
 }
 
 /// The URL's variants, if one committed since this request's lookup answers it fresh. (Not
@@ -1270,5 +1285,7 @@ mod tests {
         flight.finish(Ok(()));
         assert_eq!(waiter.await.unwrap(), (200, "stored body".into()));
         assert_eq!(late.await.unwrap(), (200, "stored body".into()));
+        // Both answered as waiters of that flight, not by leading one of their own.
+        assert_eq!(state.metrics.coalesced_waits.get(), 2);
     }
 }

@@ -444,6 +444,12 @@ mod tests {
             }
             let hot = &store.shared().hot;
             assert!(hot.records(a.hash()).is_some() && hot.records(b.hash()).is_some());
+            store.purge_url(&a, true, at(1010)).unwrap();
+            assert!(
+                hot.records(a.hash()).is_none(),
+                "a soft purge keeps a stale record"
+            );
+            store.lookup(&a).unwrap();
             store.purge_url(&b, false, at(2000)).unwrap();
             assert!(hot.records(b.hash()).is_none());
             assert!(
@@ -487,7 +493,7 @@ mod tests {
             );
             assert_eq!(version_of(&store, &p).as_deref(), Some("3"), "a 304 merge");
 
-            store.purge_url(&p, true, at(2000)).unwrap();
+            store.purge_url(&p, true, at(1010)).unwrap();
             let soft = store.lookup(&p).unwrap();
             assert_eq!(
                 soft[0].entry.freshness.fresh_until(),

@@ -197,9 +197,10 @@ struct Flusher {
     thread: Option<JoinHandle<()>>,
 }
 
-/// URL fences kept before the older half is folded into one fence for everything (about 2 MiB;
-/// at 500 POSTs a second to distinct URLs a fold comes every minute or so, and refuses only
-/// writes whose origin request is older than the folded fences).
+/// URL fences kept before the older half is folded into one fence for everything (about 2 MiB).
+/// At 500 successful POSTs a second to distinct URLs a fold comes about every 33 s, and then
+/// refuses storing any fetch whose origin request began before the folded fences: a download
+/// longer than that is served but not stored (folding by age would avoid it).
 const MAX_URL_FENCES: usize = 1 << 15;
 
 /// Purge fences: a write whose origin request was sent under generation `g` is refused if a
