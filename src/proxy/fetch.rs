@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::mpsc;
 
-use super::flight::{Flight, FlightKey, Flights, LeadGuard, Outcome, Reader, Share, SharedHead};
+use super::flight::{Flight, FlightKey, LeadGuard, Outcome, Reader, Share, SharedHead};
 use super::range;
 use super::respond::{self, CacheStatus};
 use super::{ProxyState, RequestCtx, select_variant};
@@ -144,15 +144,15 @@ pub(crate) async fn fetch_for_cache(
         if leader {
             // The lookup that sent this request here ran before the join: a fetch that
             // committed and left in between has stored what we were about to fetch again.
-            // Checked and handed over before any await: a request dropped meanwhile must not
-            // leave a registered flight that nobody leads (nor a panic in the check).
-            let mut unled = Unled(Some((&state.flights, &flight)));
-            let stored = fresh_in_store(ctx, state, &primary);
-            unled.0 = None;
-            if let Some(stored) = stored {
+            // The guard exists from here on, so neither a panic in the check nor a request
+            // dropped later leaves a registered flight that nobody leads.
+            let guard = LeadGuard::new(&state.flights, &flight);
+            if let Some(stored) = fresh_in_store(ctx, state, &primary) {
+                // Handed over before any await (the guard's own end comes second: no-op).
                 state.flights.detach(&flight);
                 flight.publish(Outcome::Stored);
                 flight.finish(Ok(()));
+                drop(guard);
                 if let Some(resp) = serve_fresh(ctx, state, &stored).await {
                     return resp;
                 }
@@ -161,7 +161,7 @@ pub(crate) async fn fetch_for_cache(
             }
             let reader = flight.reader();
             start_lead(
-                flight.clone(),
+                guard,
                 ctx,
                 state,
                 upstream,
@@ -202,18 +202,6 @@ pub(crate) async fn fetch_for_cache(
         }
     }
     fetch_alone(ctx, state, upstream, primary, stale, fwd).await
-}
-
-/// Ends a flight nobody will lead if dropped while armed (see `fetch_for_cache`).
-struct Unled<'a>(Option<(&'a Flights, &'a Arc<Flight>)>);
-
-impl Drop for Unled<'_> {
-    fn drop(&mut self) {
-        if let Some((flights, flight)) = self.0.take() {
-            flights.detach(flight);
-            flight.finish(Err("cache lookup failed".into()));
-        }
-    }
 }
 
 /// The URL's variants, if one committed since this request's lookup answers it fresh. (Not
@@ -278,7 +266,7 @@ async fn fetch_alone(
     let flight = state.flights.unshared();
     let reader = flight.reader();
     start_lead(
-        flight.clone(),
+        LeadGuard::new(&state.flights, &flight),
         ctx,
         state,
         upstream,
@@ -564,7 +552,7 @@ pub(crate) fn refresh_in_background(
     });
     let stale = Some((*key, entry.clone()));
     start_lead(
-        flight,
+        LeadGuard::new(&state.flights, &flight),
         ctx,
         state,
         upstream,
@@ -577,7 +565,7 @@ pub(crate) fn refresh_in_background(
 /// Spawns the fetch on this worker (awc is not Send). It outlives the request that started
 /// it, so waiters and the store get the whole response even if that client goes away.
 fn start_lead(
-    flight: Arc<Flight>,
+    guard: LeadGuard,
     ctx: &RequestCtx,
     state: &web::Data<ProxyState>,
     upstream: &web::Data<Upstream>,
@@ -600,12 +588,9 @@ fn start_lead(
     job.headers.remove("expect");
     let (state, upstream, fwd) = (state.clone(), upstream.clone(), fwd.to_string());
     // However the fetch ends (even by a panic, or the task dropped unpolled as a worker
-    // stops), nobody may wait for it any longer: the guard exists before the task does.
-    let guard = LeadGuard {
-        flights: state.flights.clone(),
-        flight: flight.clone(),
-    };
+    // stops), nobody may wait for it any longer: the caller made the guard before the task.
     actix_web::rt::spawn(async move {
+        let flight = guard.flight.clone();
         let _guard = guard;
         lead(&flight, &job, &state, &upstream, &primary, stale, &fwd).await;
     });

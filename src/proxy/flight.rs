@@ -300,6 +300,15 @@ pub(crate) struct LeadGuard {
     pub flight: Arc<Flight>,
 }
 
+impl LeadGuard {
+    pub(crate) fn new(flights: &Arc<Flights>, flight: &Arc<Flight>) -> LeadGuard {
+        LeadGuard {
+            flights: flights.clone(),
+            flight: flight.clone(),
+        }
+    }
+}
+
 impl Drop for LeadGuard {
     fn drop(&mut self) {
         self.flights.detach(&self.flight);
@@ -848,10 +857,7 @@ mod tests {
         let flights = flights(1 << 20, 1 << 30);
         let (f, leader) = flights.join(url("/p"));
         assert!(leader);
-        let guard = LeadGuard {
-            flights: flights.clone(),
-            flight: f.clone(),
-        };
+        let guard = LeadGuard::new(&flights, &f);
         let task = tokio::spawn(async move {
             let _guard = guard;
             panic!("lead task bug");
