@@ -421,6 +421,19 @@ impl Db {
         Ok(hasher.finalize())
     }
 
+    /// Larder patch: writes a recovery snapshot now, so that a crash replays only the log
+    /// written after it. Returns the log position it covers, or `None` if it was skipped
+    /// (a page was being allocated; call again later).
+    pub fn write_recovery_snapshot(&self) -> Result<Option<i64>> {
+        self.context.pagecache.write_recovery_snapshot()
+    }
+
+    /// Larder patch: the durable end of the log, a byte position that only grows; the
+    /// difference of two readings is the log written in between.
+    pub fn stable_log_position(&self) -> i64 {
+        self.context.pagecache.stable_lsn()
+    }
+
     /// Returns the on-disk size of the storage files
     /// for this database.
     pub fn size_on_disk(&self) -> Result<u64> {

@@ -53,7 +53,7 @@ pub(crate) use self::{
         SegmentNumber,
     },
     reservation::Reservation,
-    snapshot::{read_snapshot_or_default, PageState, Snapshot},
+    snapshot::{read_snapshot_or_default, write_snapshot, PageState, Snapshot},
 };
 
 pub use self::{
@@ -517,6 +517,8 @@ pub struct PageCache {
     idgen_persists: Arc<AtomicU64>,
     idgen_persist_mu: Arc<Mutex<()>>,
     was_recovered: bool,
+    // Larder patch: serializes `write_recovery_snapshot` calls.
+    recovery_snapshot_mu: Arc<Mutex<()>>,
 }
 
 unsafe impl Send for PageCache {}
@@ -657,6 +659,7 @@ impl PageCache {
             idgen: Arc::new(AtomicU64::new(0)),
             idgen_persists: Arc::new(AtomicU64::new(0)),
             was_recovered: false,
+            recovery_snapshot_mu: Arc::new(Mutex::new(())),
         };
 
         // now we read it back in
@@ -2133,6 +2136,71 @@ impl PageCache {
         }
 
         Ok(())
+    }
+
+    /// Larder patch: writes a recovery snapshot while the database runs, so that recovery after
+    /// a crash replays only the log written since (sled 0.34 otherwise writes one only while
+    /// opening). Returns the snapshot's `stable_lsn`, or `None` if a page being allocated could
+    /// not be captured and no snapshot was written (try again later).
+    ///
+    /// Writers keep running while the page table is scanned ("fuzzy"), which is sound because:
+    /// every record below `stable_lsn` (read first) completed, and a reservation completes only
+    /// after its page CAS, so the scan sees all of them; records at or above it are replayed by
+    /// recovery in lsn order, and replay is idempotent on a state that already holds some of
+    /// them (`PageState::push` skips fragments not newer than the last one, a re-applied
+    /// Replace or Free is followed by the replay of every later record). Finally, before the
+    /// snapshot file is renamed into place, the log is made stable up to the highest lsn the
+    /// scan captured (stable is batch-aware), so the snapshot never points at a record that
+    /// recovery could find missing or discard with an incomplete batch.
+    pub(crate) fn write_recovery_snapshot(&self) -> Result<Option<Lsn>> {
+        const MAX_SPINS: usize = 10_000;
+        let _one_at_a_time = self.recovery_snapshot_mu.lock();
+        let stable_lsn = self.log.stable_offset();
+        if stable_lsn < 0 {
+            return Ok(None);
+        }
+        let pid_bound = *self.next_pid_to_allocate.lock();
+        let mut pt = Vec::<PageState>::with_capacity(assert_usize(pid_bound));
+        let mut max_lsn = stable_lsn;
+        let mut guard = pin();
+        for pid in 0..pid_bound {
+            if pid % 4096 == 0 {
+                // let epoch-based reclamation move on during a long scan
+                guard = pin();
+            }
+            let mut spins = 0;
+            loop {
+                match self.inner.get(pid, &guard) {
+                    Some(view) if !view.cache_infos.is_empty() => {
+                        for ci in view.cache_infos.iter() {
+                            max_lsn = std::cmp::max(max_lsn, ci.lsn);
+                        }
+                        pt.push(view.to_page_state());
+                        break;
+                    }
+                    // being allocated by another thread right now
+                    _ => {
+                        spins += 1;
+                        if spins > MAX_SPINS {
+                            return Ok(None);
+                        }
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+        drop(guard);
+        self.log.make_stable(max_lsn)?;
+        self.config.global_error()?;
+        let snapshot =
+            Snapshot { stable_lsn: Some(stable_lsn), active_segment: None, pt };
+        write_snapshot(&self.config, &snapshot)?;
+        Ok(Some(stable_lsn))
+    }
+
+    /// Larder patch: the highest log sequence number known to be durable.
+    pub(crate) fn stable_lsn(&self) -> Lsn {
+        self.log.stable_offset()
     }
 
     /// A snapshot is to recover the pageTable at a point in time.
