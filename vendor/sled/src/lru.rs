@@ -208,7 +208,15 @@ impl CacheAccess {
 /// A simple LRU cache.
 pub struct Lru {
     shards: Vec<(AccessQueue, FastLock<Shard>)>,
+    // Larder patch: account each access at once when the shard is free, instead of in blocks of
+    // MAX_QUEUE_ITEMS. Queued accesses evict nothing until 64 have gathered in a shard, so up to
+    // 256 * 64 pages stay resident whatever the capacity: ~100 MB for a one-pass scan of large
+    // leaves. Set for small caches, where that window dwarfs the capacity.
+    eager: bool,
 }
+
+/// Larder patch: shards smaller than this account accesses at once (see `Lru::eager`).
+const EAGER_BELOW_SHARD_CAPACITY: u64 = 256 * 1024;
 
 unsafe impl Sync for Lru {}
 
@@ -227,7 +235,7 @@ impl Lru {
             (AccessQueue::default(), FastLock::new(Shard::new(shard_capacity)))
         });
 
-        Self { shards }
+        Self { shards, eager: shard_capacity < EAGER_BELOW_SHARD_CAPACITY }
     }
 
     /// Called when an item is accessed. Returns a Vec of items to be
@@ -249,6 +257,23 @@ impl Lru {
         let shards = self.shards.len() as u64;
         let (shard_idx, item_pos) = (id % shards, id / shards);
         let (stack, shard_mu) = &self.shards[safe_usize(shard_idx)];
+
+        if self.eager {
+            if let Some(mut shard) = shard_mu.try_lock() {
+                let queued = stack.take(guard).map(CacheAccess::decompose);
+                let this = std::iter::once(
+                    CacheAccess::new(item_pos, item_size).decompose(),
+                );
+                for (item_pos, item_size) in queued.chain(this) {
+                    let to_evict =
+                        shard.accessed(safe_usize(item_pos), item_size);
+                    for pos in to_evict {
+                        ret.push((pos * shards) + shard_idx);
+                    }
+                }
+                return ret;
+            }
+        }
 
         let filled = stack.push(CacheAccess::new(item_pos, item_size));
 
