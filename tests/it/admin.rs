@@ -208,6 +208,75 @@ async fn soft_purge_makes_the_next_request_revalidate() {
     );
 }
 
+// Soft purge by prefix and by tag over HTTP: the matched entries stay (no new 200 body from the
+// origin) but the next request for each revalidates with its validator (RFC 9111 §4.3.1), and
+// an entry outside the selector is still a plain hit.
+#[actix_web::test]
+async fn soft_prefix_and_tag_purges_make_only_the_matched_entries_revalidate() {
+    let origin = TestOrigin::start().await;
+    for (path, tag) in [
+        ("/s/a", "ta"),
+        ("/s/b", "tb"),
+        ("/t/c", "tc"),
+        ("/t/d", "tb"),
+    ] {
+        let etag = format!("\"{}\"", path.replace('/', ""));
+        origin.route(path, move |req, n| {
+            if req.header("if-none-match") == Some(etag.as_str()) {
+                Reply::status(304)
+                    .header("etag", etag.as_str())
+                    .header("cache-control", "max-age=600")
+            } else {
+                Reply::ok(format!("{n}"))
+                    .header("etag", etag.as_str())
+                    .header("cache-control", "max-age=600")
+                    .header("surrogate-key", tag)
+            }
+        });
+    }
+    let proxy = TestProxy::start_with(&origin, WITH_TOKEN).await;
+    let host = proxy.addr.to_string();
+    for path in ["/s/a", "/s/b", "/t/c", "/t/d"] {
+        get(&proxy.url(path), &[]).await;
+    }
+
+    let r = purge(
+        &proxy,
+        &format!("{{\"prefix\":\"http://{host}/s/\",\"soft\":true}}"),
+    )
+    .await;
+    assert_eq!(purged(&r), 2);
+    let r = purge(&proxy, r#"{"tag":"tb","soft":true}"#).await;
+    assert_eq!(
+        purged(&r),
+        2,
+        "/s/b (already soft-purged) and /t/d carry tb"
+    );
+
+    for path in ["/s/a", "/s/b", "/t/d"] {
+        let after = get(&proxy.url(path), &[]).await;
+        assert_eq!(after.text(), "1", "{path}: the stored body, not a new one");
+        assert_eq!(
+            after.cache_status(),
+            "larder; fwd=stale; fwd-status=304",
+            "{path}"
+        );
+        let expected = format!("\"{}\"", path.replace('/', ""));
+        assert_eq!(
+            origin.seen(path)[1].header("if-none-match"),
+            Some(expected.as_str()),
+            "{path}: revalidated with its ETag"
+        );
+    }
+    let untouched = get(&proxy.url("/t/c"), &[]).await;
+    assert!(
+        untouched.cache_status().starts_with("larder; hit"),
+        "{}",
+        untouched.cache_status()
+    );
+    assert_eq!(origin.hits("/t/c"), 1);
+}
+
 #[actix_web::test]
 async fn bad_purge_requests_are_400_and_delete_nothing() {
     let (_origin, proxy) = filled().await;

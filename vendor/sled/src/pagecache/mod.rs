@@ -2149,19 +2149,28 @@ impl PageCache {
     /// recovery in lsn order, and replay is idempotent on a state that already holds some of
     /// them (`PageState::push` skips fragments not newer than the last one, a re-applied
     /// Replace or Free is followed by the replay of every later record). Finally, before the
-    /// snapshot file is renamed into place, the log is made stable up to the highest lsn the
-    /// scan captured (stable is batch-aware), so the snapshot never points at a record that
-    /// recovery could find missing or discard with an incomplete batch.
+    /// snapshot file is renamed into place, the log is flushed past the highest lsn the scan
+    /// captured (stable is batch-aware), so the snapshot never points at a record that
+    /// recovery could find missing or discard with an incomplete batch. Reviewed with
+    /// reproductions on a copy of the crate (the `+ 1` and the flush below come from it).
     pub(crate) fn write_recovery_snapshot(&self) -> Result<Option<Lsn>> {
         const MAX_SPINS: usize = 10_000;
         let _one_at_a_time = self.recovery_snapshot_mu.lock();
-        let stable_lsn = self.log.stable_offset();
-        if stable_lsn < 0 {
+        // After an I/O error a page may point at a record that was cancelled (a failed
+        // `sa_mark_*` after a successful CAS); a snapshot would make that permanent.
+        self.config.global_error()?;
+        let stable = self.log.stable_offset();
+        if stable < 0 {
             return Ok(None);
         }
+        // `stable` is the last durable byte; a snapshot's `stable_lsn` is where the next
+        // message starts, as recovery stores it (position after the last message read).
+        // Storing `stable` itself breaks when stable sits at the end of a segment that was
+        // sealed early (a Cap record): replay then ends before it and calls it corruption.
+        let stable_lsn = stable + 1;
         let pid_bound = *self.next_pid_to_allocate.lock();
         let mut pt = Vec::<PageState>::with_capacity(assert_usize(pid_bound));
-        let mut max_lsn = stable_lsn;
+        let mut max_lsn = stable;
         let mut guard = pin();
         for pid in 0..pid_bound {
             if pid % 4096 == 0 {
@@ -2190,7 +2199,14 @@ impl PageCache {
             }
         }
         drop(guard);
-        self.log.make_stable(max_lsn)?;
+        // Not `make_stable(max_lsn)`: a transaction caught half-way by the scan may end in the
+        // unsealed buffer past max_lsn, and the batch-aware stable point would wait for it
+        // forever (nothing seals that buffer with sled's flusher off). `flush` waits out a
+        // running transaction (concurrency control) and makes everything reserved stable.
+        let flushed_to = self.log.flush().map(|_| self.log.stable_offset())?;
+        if flushed_to < max_lsn {
+            return Ok(None);
+        }
         self.config.global_error()?;
         let snapshot =
             Snapshot { stable_lsn: Some(stable_lsn), active_segment: None, pt };

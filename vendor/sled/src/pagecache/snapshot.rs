@@ -531,8 +531,11 @@ pub(crate) fn write_snapshot(
     let crc32: [u8; 4] = u32_to_arr(crc32(&bytes));
     let len_bytes: [u8; 8] = u64_to_arr(decompressed_len as u64);
 
+    // Larder patch: the temp file ends in `.in___motion`, which `get_snapshot_files` skips
+    // (sled 0.34.7 used `.generating`, which it did not skip: a kill during the write left a
+    // partial file that sorted last and made every later open fail, spacejam/sled#1527).
     let path_1_suffix =
-        format!("snap.{:016X}.generating", snapshot.stable_lsn.unwrap_or(0));
+        format!("snap.{:016X}.in___motion", snapshot.stable_lsn.unwrap_or(0));
 
     let mut path_1 = config.get_path();
     path_1.push(path_1_suffix);
@@ -545,8 +548,11 @@ pub(crate) fn write_snapshot(
 
     let parent = path_1.parent().unwrap();
     std::fs::create_dir_all(parent)?;
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create(true).open(&path_1)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path_1)?;
 
     // write the snapshot bytes, followed by a crc64 checksum at the end
     io_fail!(config, "snap write");
@@ -565,6 +571,23 @@ pub(crate) fn write_snapshot(
     io_fail!(config, "snap write mv post");
 
     trace!("renamed snapshot to {}", path_2.to_string_lossy());
+
+    // Larder patch: make the rename durable before older snapshots are deleted, and remove
+    // the temp files of interrupted writes (ours and `.generating` ones of older versions).
+    #[cfg(unix)]
+    std::fs::File::open(parent)?.sync_all()?;
+    for item in std::fs::read_dir(parent)? {
+        let path = item?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if let Some(name) = name {
+            if name.starts_with("snap.")
+                && (name.ends_with(".in___motion")
+                    || name.ends_with(".generating"))
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
 
     // clean up any old snapshots
     let candidates = config.get_snapshot_files()?;
