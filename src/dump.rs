@@ -1,4 +1,4 @@
-//! `larder dump`: one JSON object (or table row) per stored response, streamed in constant memory.
+//! `larder dump`: one JSON object (or table row) per stored response, streamed one at a time.
 
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -230,8 +230,8 @@ fn try_open_now(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
     }
 }
 
-/// Opens and closes the database once, so that sled writes a recovery snapshot (it does so only
-/// while opening) and the next open replays only what is written after it.
+/// Opens and closes the database once, so that sled writes a recovery snapshot of everything
+/// (opening does) and the next open replays nothing.
 pub(super) fn checkpoint(path: &Path, cache_capacity: u64) -> Result<(), StoreError> {
     match try_open(path, cache_capacity) {
         Ok(index) => index.flush(),
@@ -1183,12 +1183,26 @@ impl Index {
         if written < i64::try_from(every).unwrap_or(i64::MAX) {
             return Ok(false);
         }
-        match self.db.write_recovery_snapshot().map_err(db_err)? {
-            Some(position) => {
-                self.snapshot_at.store(position, Ordering::SeqCst);
+        self.write_snapshot()
+    }
+
+    /// Writes a sled recovery snapshot now. False if sled skipped it (a page was being
+    /// allocated): the next call tries again. A failure counts as a snapshot for
+    /// [`Index::snapshot_if_due`], so that a failing disk is retried after another interval of
+    /// log rather than scanned and reported on every flush.
+    pub(super) fn write_snapshot(&self) -> Result<bool, StoreError> {
+        let position_before = self.db.stable_log_position();
+        match self.db.write_recovery_snapshot() {
+            Ok(Some(position)) => {
+                self.snapshot_at.fetch_max(position, Ordering::SeqCst);
                 Ok(true)
             }
-            None => Ok(false),
+            Ok(None) => Ok(false),
+            Err(e) => {
+                self.snapshot_at
+                    .fetch_max(position_before, Ordering::SeqCst);
+                Err(db_err(e))
+            }
         }
     }
 

@@ -2151,8 +2151,7 @@ impl PageCache {
     /// Replace or Free is followed by the replay of every later record). Finally, before the
     /// snapshot file is renamed into place, the log is flushed past the highest lsn the scan
     /// captured (stable is batch-aware), so the snapshot never points at a record that
-    /// recovery could find missing or discard with an incomplete batch. Reviewed with
-    /// reproductions on a copy of the crate (the `+ 1` and the flush below come from it).
+    /// recovery could find missing or discard with an incomplete batch.
     pub(crate) fn write_recovery_snapshot(&self) -> Result<Option<Lsn>> {
         const MAX_SPINS: usize = 10_000;
         let _one_at_a_time = self.recovery_snapshot_mu.lock();
