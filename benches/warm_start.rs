@@ -115,11 +115,16 @@ fn fill(dir: &std::path::Path, n: u64) {
     rt.block_on(put_items(&store, 0..n));
     // What one run-time recovery snapshot of this store costs (the flusher writes one every
     // `recovery_snapshot_every` bytes of log; the fill above wrote them as it went).
+    let (rss_before, peak_before) = (own_status_kib("VmRSS:"), own_status_kib("VmHWM:"));
     let started = Instant::now();
     assert!(store.write_recovery_snapshot().unwrap());
     println!(
-        "one recovery snapshot of {n} entries took {:.0} ms",
-        started.elapsed().as_secs_f64() * 1000.0
+        "one recovery snapshot of {n} entries took {:.0} ms; filler RSS {} -> {} MiB, peak {} -> {} MiB",
+        started.elapsed().as_secs_f64() * 1000.0,
+        rss_before >> 10,
+        own_status_kib("VmRSS:") >> 10,
+        peak_before >> 10,
+        own_status_kib("VmHWM:") >> 10
     );
     drop(store);
     // Then the worst case for the crash that follows: almost a whole interval of log written
@@ -137,6 +142,18 @@ fn fill(dir: &std::path::Path, n: u64) {
     rt.block_on(put_items(&store, n..n + tail));
     println!("then {tail} more entries, about 90% of one snapshot interval of log");
     std::mem::forget(store);
+}
+
+/// A field of this process's `/proc/self/status`, in KiB (0 if unreadable).
+fn own_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 async fn put_items(store: &Store, items: std::ops::Range<u64>) {
