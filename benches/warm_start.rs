@@ -115,16 +115,16 @@ fn fill(dir: &std::path::Path, n: u64) {
     rt.block_on(put_items(&store, 0..n));
     // What one run-time recovery snapshot of this store costs (the flusher writes one every
     // `recovery_snapshot_every` bytes of log; the fill above wrote them as it went).
-    let (rss_before, peak_before) = (own_status_kib("VmRSS:"), own_status_kib("VmHWM:"));
+    let (rss_before, peak_before) = (status_kib("self", "VmRSS:"), status_kib("self", "VmHWM:"));
     let started = Instant::now();
     assert!(store.write_recovery_snapshot().unwrap());
     println!(
         "one recovery snapshot of {n} entries took {:.0} ms; filler RSS {} -> {} MiB, peak {} -> {} MiB",
         started.elapsed().as_secs_f64() * 1000.0,
         rss_before >> 10,
-        own_status_kib("VmRSS:") >> 10,
+        status_kib("self", "VmRSS:") >> 10,
         peak_before >> 10,
-        own_status_kib("VmHWM:") >> 10
+        status_kib("self", "VmHWM:") >> 10
     );
     drop(store);
     // Then the worst case for the crash that follows: almost a whole interval of log written
@@ -144,9 +144,9 @@ fn fill(dir: &std::path::Path, n: u64) {
     std::mem::forget(store);
 }
 
-/// A field of this process's `/proc/self/status`, in KiB (0 if unreadable).
-fn own_status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A field of `/proc/<pid>/status` (`pid` may be "self"), in KiB (0 if unreadable).
+fn status_kib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -219,14 +219,7 @@ fn start_and_hit(dir: &std::path::Path, n: u64) -> (Duration, u64, Child) {
         std::thread::sleep(Duration::from_millis(2));
     }
     let first = started.elapsed();
-    let rss = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0);
+    let rss = status_kib(&child.id().to_string(), "VmRSS:");
     (first, rss, child)
 }
 

@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::support::Rng;
+
 #[path = "../../fuzz/checks/header_parsing.rs"]
 mod header_parsing;
 #[path = "../../fuzz/checks/policy_decision.rs"]
@@ -52,49 +54,33 @@ const DICTIONARY: &[&[u8]] = &[
     b"\xc3\xa9",
 ];
 
-/// xorshift64*: deterministic, so a failure reproduces from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 /// A new input: random bytes, or a seed mutated a few times (flip, insert, delete, splice a
 /// dictionary token, truncate, duplicate a slice).
 fn input(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
-    let mut data = if seeds.is_empty() || rng.below(4) == 0 {
-        let len = rng.below(512);
+    let mut data = if seeds.is_empty() || rng.index(4) == 0 {
+        let len = rng.index(512);
         (0..len).map(|_| rng.next() as u8).collect()
     } else {
-        seeds[rng.below(seeds.len())].clone()
+        seeds[rng.index(seeds.len())].clone()
     };
-    for _ in 0..1 + rng.below(8) {
-        let at = rng.below(data.len() + 1);
-        match rng.below(6) {
+    for _ in 0..1 + rng.index(8) {
+        let at = rng.index(data.len() + 1);
+        match rng.index(6) {
             0 if !data.is_empty() => {
-                let i = rng.below(data.len());
-                data[i] ^= 1 << rng.below(8);
+                let i = rng.index(data.len());
+                data[i] ^= 1 << rng.index(8);
             }
             1 => data.insert(at, rng.next() as u8),
             2 if at < data.len() => {
                 data.remove(at);
             }
             3 => {
-                let token = DICTIONARY[rng.below(DICTIONARY.len())];
+                let token = DICTIONARY[rng.index(DICTIONARY.len())];
                 data.splice(at..at, token.iter().copied());
             }
             4 => data.truncate(at),
             _ if at < data.len() => {
-                let end = (at + rng.below(64)).min(data.len());
+                let end = (at + rng.index(64)).min(data.len());
                 let copy = data[at..end].to_vec();
                 data.splice(at..at, copy);
             }

@@ -83,18 +83,6 @@ fn crash_body(n: u64) -> bytes::Bytes {
     )
 }
 
-/// xorshift64: random kill moments that a printed seed reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Makes everything the server stored so far durable: a purge answers only after the store's
 /// flush (and a purge of a URL never stored changes nothing). Returns when it answered.
 async fn flush_barrier(server: &LarderProcess) -> std::time::Instant {

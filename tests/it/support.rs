@@ -623,3 +623,35 @@ fn raw_exchange_blocking(addr: SocketAddr, request: &[u8], quiet: Duration) -> S
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// xorshift64*: deterministic test randomness (kill moments, sizes, mutated inputs) that a
+/// printed seed reproduces, without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Seeded from the clock and the process id; print `.0` so that a failure can be replayed.
+    pub fn seeded() -> Rng {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        Rng(nanos ^ (u64::from(std::process::id()) << 32) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// An index into something `len` long (0 when it is empty).
+    pub fn index(&mut self, len: usize) -> usize {
+        self.below(len as u64) as usize
+    }
+}
