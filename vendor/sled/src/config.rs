@@ -354,6 +354,45 @@ impl Config {
         Db::start_inner(config)
     }
 
+    /// Larder patch: opens the database at this config's path for reading only, recovering its
+    /// state as `open` would but without an in-memory page table (see `ReadOnlyDb`). `scratch`
+    /// makes the reader's two scratch files (anonymous temp files, best on a disk rather than
+    /// in memory). Returns `None` if there is no database at the path, and creates nothing.
+    /// Fails like `open` if another process holds the database.
+    pub fn open_read_only(
+        &self,
+        scratch: impl FnMut() -> io::Result<File>,
+    ) -> Result<Option<std::sync::Arc<ReadOnlyDb>>> {
+        self.validate()?;
+        if !self.db_path().exists() {
+            return Ok(None);
+        }
+        if self.use_compression {
+            return Err(Error::Unsupported(
+                "the read-only reader does not read compressed databases"
+                    .into(),
+            ));
+        }
+        let mut config = self.clone();
+        config.limit_cache_max_memory();
+        match config.read_config()? {
+            Some(old) => {
+                supported!(
+                    config.use_compression == old.use_compression
+                        && config.segment_size == old.segment_size
+                        && config.version == old.version,
+                    "the database was written with other storage parameters \
+                     or by another sled version"
+                );
+            }
+            None => return Err(Error::corruption(None)),
+        }
+        let file = fs::OpenOptions::new().read(true).open(config.db_path())?;
+        let file = config.try_lock(file)?;
+        let config = RunningConfig { inner: config, file: Arc::new(file) };
+        ReadOnlyDb::recover(config, scratch).map(Some)
+    }
+
     #[doc(hidden)]
     #[deprecated(
         since = "0.31.0",

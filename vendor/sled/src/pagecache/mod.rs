@@ -11,6 +11,7 @@ mod header;
 mod iobuf;
 mod iterator;
 mod pagetable;
+mod read_only;
 #[cfg(any(all(not(unix), not(windows)), miri))]
 mod parallel_io_polyfill;
 #[cfg(all(unix, not(miri)))]
@@ -63,6 +64,7 @@ pub use self::{
     },
     disk_pointer::DiskPtr,
     logger::{Log, LogRead},
+    read_only::{ReadOnlyDb, ReadOnlyIter, ReadOnlyTree},
 };
 
 /// The offset of a segment. This equals its `LogOffset` (or the offset of any
