@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::cli::DumpFormat;
 use crate::key::VariantKey;
-use crate::store::{Entry, Store, StoreError};
+use crate::store::{Entry, StoreError};
 
 /// The shape of one dump line; `GET /entries` on the admin API prints the same.
 #[derive(Debug, Serialize)]
@@ -83,13 +83,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Writes every matching entry of `store` to `out`.
-pub fn dump_store(
-    store: &Store,
+/// Writes `entries` (a store's matching entries, from [`crate::store::ReadOnlyStore::entries`]) to `out`.
+pub fn dump_entries(
+    entries: impl Iterator<Item = Result<(VariantKey, Entry), StoreError>>,
     out: &mut impl Write,
     format: DumpFormat,
-    prefix: Option<&str>,
-    tag: Option<&str>,
     limit: Option<u64>,
     now: SystemTime,
 ) -> Result<u64, DumpError> {
@@ -97,7 +95,7 @@ pub fn dump_store(
     if format == DumpFormat::Table {
         write_table_header(out)?;
     }
-    for item in store.entries(prefix, tag) {
+    for item in entries {
         if limit.is_some_and(|l| written >= l) {
             break;
         }
@@ -134,8 +132,9 @@ pub enum DumpError {
     Admin(String),
 }
 
-/// Streams `GET /entries` from a running server's admin API to `out` (the store is locked by
-/// that server, and sled has no read-only mode). Table output is rendered from the JSON lines.
+/// Streams `GET /entries` from a running server's admin API to `out` (that server holds the
+/// store's lock, which even the read-only reader needs). Table output is rendered from the JSON
+/// lines.
 pub async fn dump_via_admin(
     admin: std::net::SocketAddr,
     token: Option<&str>,

@@ -11,7 +11,7 @@ use larder::cli::{Cli, Command, DumpArgs, ServeArgs};
 use larder::clock::{Clock, SystemClock};
 use larder::config::{Config, LogConfig, Overrides};
 use larder::server::{Larder, LarderHandle};
-use larder::store::{Store, StoreError, StoreOptions};
+use larder::store::{ReadOnlyStore, StoreError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -97,19 +97,15 @@ fn dump(args: DumpArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let (prefix, tag) = (args.prefix.as_deref(), args.tag.as_deref());
-    // One pass over the index gains nothing from a page cache; keep dump's memory small.
-    let options = StoreOptions {
-        cache_capacity: 8 << 20,
-        ..StoreOptions::default()
-    };
-    match Store::open(&config.storage.path, options) {
+    // The read-only reader writes nothing and keeps no page table: its memory does not grow
+    // with the store.
+    match ReadOnlyStore::open(&config.storage.path) {
         Ok(store) => {
-            larder::dump::dump_store(
-                &store,
+            let entries = store.iter().flat_map(|s| s.entries(prefix, tag));
+            larder::dump::dump_entries(
+                entries,
                 &mut out,
                 args.format,
-                prefix,
-                tag,
                 args.limit,
                 SystemClock.now(),
             )?;

@@ -37,7 +37,7 @@ use crate::key::VariantKey;
 const KEY_LEN: usize = 64;
 /// Index rows carry everything in their key.
 const EMPTY: &[u8] = &[];
-const SCHEMA_KEY: &[u8] = b"schema_version";
+pub(super) const SCHEMA_KEY: &[u8] = b"schema_version";
 const STAT_ENTRIES: &[u8] = b"stat.entries";
 const STAT_BODY_BYTES: &[u8] = b"stat.body_bytes";
 const STAT_FILES: &[u8] = b"stat.files";
@@ -347,12 +347,30 @@ fn url_row(url: &str, key: &VariantKey) -> Vec<u8> {
     row
 }
 
-fn tag_prefix(tag: &str) -> Vec<u8> {
+pub(super) fn tag_prefix(tag: &str) -> Vec<u8> {
     // Length-prefixed so that tag "a" never prefix-matches rows of tag "ab".
     let mut row = Vec::with_capacity(4 + tag.len() + KEY_LEN);
     row.extend_from_slice(&(tag.len() as u32).to_be_bytes());
     row.extend_from_slice(tag.as_bytes());
     row
+}
+
+/// The variant key at the end of an index row whose own part is at least `key_at` bytes long.
+pub(super) fn key_of_row(row: &[u8], key_at: usize) -> Option<VariantKey> {
+    row.len()
+        .checked_sub(KEY_LEN)
+        .filter(|&at| at >= key_at)
+        .and_then(|at| VariantKey::from_bytes(&row[at..]))
+}
+
+/// True if the `urls` row `row` is the row of entry `e` (rows can outlive or predate an entry).
+pub(super) fn url_row_matches(row: &[u8], e: &Entry) -> bool {
+    row.len() == e.url.len() + KEY_LEN && row.starts_with(e.url.as_bytes())
+}
+
+/// True if the `tags` row `row`, whose tag part is `at` bytes long, is a row of entry `e`.
+pub(super) fn tag_row_matches(row: &[u8], at: usize, e: &Entry) -> bool {
+    row.len() == at + KEY_LEN && e.tags.iter().any(|t| tag_prefix(t) == row[..at])
 }
 
 fn tag_row(tag: &str, key: &VariantKey) -> Vec<u8> {
@@ -776,12 +794,7 @@ impl Index {
                 Ok((row, _)) => row,
                 Err(e) => return Some(Err(db_err(e))),
             };
-            let key = row
-                .len()
-                .checked_sub(KEY_LEN)
-                .filter(|&at| at >= key_at)
-                .and_then(|at| VariantKey::from_bytes(&row[at..]));
-            let Some(key) = key else {
+            let Some(key) = key_of_row(&row, key_at) else {
                 return tree.remove(&row).err().map(|e| Err(db_err(e)));
             };
             match self.get(&key) {
@@ -821,9 +834,7 @@ impl Index {
         prefix: &str,
     ) -> impl Iterator<Item = Result<(VariantKey, Entry), StoreError>> + use<'a> {
         let iter = self.urls.scan_prefix(prefix.as_bytes());
-        self.resolve_rows(&self.urls, iter, 0, |row, e| {
-            row.len() == e.url.len() + KEY_LEN && row.starts_with(e.url.as_bytes())
-        })
+        self.resolve_rows(&self.urls, iter, 0, url_row_matches)
     }
 
     /// Entries carrying `tag`.
@@ -835,7 +846,7 @@ impl Index {
         let at = prefix.len();
         let iter = self.tags.scan_prefix(&prefix);
         self.resolve_rows(&self.tags, iter, at, move |row, e| {
-            row.len() == at + KEY_LEN && e.tags.iter().any(|t| tag_prefix(t) == row[..at])
+            tag_row_matches(row, at, e)
         })
     }
 

@@ -28,6 +28,7 @@ mod format;
 mod hot;
 mod index;
 mod migrate;
+mod read_only;
 mod reconcile;
 
 use std::collections::HashMap;
@@ -45,6 +46,7 @@ pub use error::{LogLimit, StoreError};
 pub use format::{FormatError, MAX_INLINE_MAX};
 pub use hot::{Variant, Variants};
 pub use migrate::CURRENT_SCHEMA;
+pub use read_only::ReadOnlyStore;
 pub use reconcile::{ReconcileReport, Repair};
 
 /// Fuzzing entry (fuzz/record_decode): the record decoder on arbitrary bytes. Not an API.

@@ -15,4 +15,5 @@ mod poisoning;
 mod proxy;
 mod range;
 mod rawnet;
+mod read_only;
 mod store;

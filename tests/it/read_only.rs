@@ -1,0 +1,374 @@
+//! The page-table-free reader behind `larder dump --offline`, against sled itself: after random writes, and after kill -9 at random moments, it must see exactly the state that sled's own recovery rebuilds, and write nothing while it reads.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use larder::key::{PrimaryKey, VariantKey};
+use larder::store::{ReadOnlyStore, Store, StoreOptions};
+
+use crate::support::Rng;
+
+const TREES: [&str; 3] = ["a", "b", "c"];
+
+type Contents = BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+/// A key of about 20 000 in each tree, so that the trees get many leaves, index levels,
+/// splits and (with the removes) merges.
+fn key(rng: &mut Rng) -> Vec<u8> {
+    format!("key/{:06}", rng.below(20_000)).into_bytes()
+}
+
+/// Mostly small values; one in 300 is 200 KiB, which sled writes to a blob file.
+fn value(rng: &mut Rng) -> Vec<u8> {
+    let len = if rng.below(300) == 0 {
+        200 << 10
+    } else {
+        rng.index(300)
+    };
+    let seed = rng.next() as u8;
+    (0..len).map(|i| (i as u8).wrapping_add(seed)).collect()
+}
+
+/// One random write: an insert, a remove, or a transaction over two trees.
+fn random_write(db: &sled::Db, trees: &[sled::Tree], rng: &mut Rng) {
+    use sled::Transactional;
+    let tree = &trees[rng.index(trees.len())];
+    match rng.below(10) {
+        0..=5 => {
+            tree.insert(key(rng), value(rng)).unwrap();
+        }
+        6..=8 => {
+            tree.remove(key(rng)).unwrap();
+        }
+        _ => {
+            let (k, v) = (key(rng), value(rng));
+            (&trees[0], &trees[1])
+                .transaction(|(a, b)| {
+                    a.insert(k.as_slice(), v.as_slice())?;
+                    b.remove(k.as_slice())?;
+                    Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .unwrap();
+        }
+    }
+    let _ = db;
+}
+
+fn open_sled(dir: &Path) -> sled::Db {
+    // sled releases its lock only once its threads let go of a dropped handle.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .cache_capacity(1 << 20)
+            .open()
+        {
+            Ok(db) => return db,
+            Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("sled cannot open {}: {e}", dir.display()),
+        }
+    }
+}
+
+fn open_read_only(dir: &Path) -> Arc<sled::ReadOnlyDb> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .open_read_only(tempfile::tempfile)
+        {
+            Ok(db) => return db.expect("a database is there"),
+            Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("the read-only reader cannot open {}: {e}", dir.display()),
+        }
+    }
+}
+
+fn sled_contents(db: &sled::Db) -> Contents {
+    TREES
+        .iter()
+        .map(|name| {
+            let tree = db.open_tree(name).unwrap();
+            let pairs = tree
+                .iter()
+                .map(|kv| {
+                    let (k, v) = kv.unwrap();
+                    (k.to_vec(), v.to_vec())
+                })
+                .collect();
+            (name.to_string(), pairs)
+        })
+        .collect()
+}
+
+fn read_only_contents(db: &Arc<sled::ReadOnlyDb>) -> Contents {
+    TREES
+        .iter()
+        .map(|name| {
+            let pairs = match db.tree(name.as_bytes()) {
+                Some(tree) => tree
+                    .iter()
+                    .map(|kv| {
+                        let (k, v) = kv.unwrap();
+                        (k.to_vec(), v.to_vec())
+                    })
+                    .collect(),
+                None => BTreeMap::new(),
+            };
+            (name.to_string(), pairs)
+        })
+        .collect()
+}
+
+/// Point reads and prefix scans of the read-only reader agree with `contents`.
+fn check_lookups(db: &Arc<sled::ReadOnlyDb>, contents: &Contents, rng: &mut Rng) {
+    for name in TREES {
+        let Some(tree) = db.tree(name.as_bytes()) else {
+            continue;
+        };
+        let expected = &contents[name];
+        for _ in 0..300 {
+            let k = key(rng);
+            assert_eq!(
+                tree.get(&k).unwrap().map(|v| v.to_vec()),
+                expected.get(&k).cloned(),
+                "get {} in {name}",
+                String::from_utf8_lossy(&k)
+            );
+        }
+        for _ in 0..20 {
+            let prefix = format!("key/{:04}", rng.below(200)).into_bytes();
+            let got: Vec<Vec<u8>> = tree
+                .scan_prefix(&prefix)
+                .map(|kv| kv.unwrap().0.to_vec())
+                .collect();
+            let want: Vec<Vec<u8>> = expected
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .cloned()
+                .collect();
+            assert_eq!(
+                got,
+                want,
+                "scan_prefix {}",
+                String::from_utf8_lossy(&prefix)
+            );
+        }
+    }
+}
+
+/// Every file under `dir` with its length and a hash of its bytes.
+fn fingerprint(dir: &Path) -> BTreeMap<String, (u64, blake3::Hash)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for item in std::fs::read_dir(&d).unwrap() {
+            let path = item.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                let name = path.strip_prefix(dir).unwrap().display().to_string();
+                out.insert(name, (bytes.len() as u64, blake3::hash(&bytes)));
+            }
+        }
+    }
+    out
+}
+
+// After writes with run-time snapshots and a log tail after the last one, the reader sees what
+// the writer wrote and what sled reopens, and a lookup finds the same as a scan.
+#[test]
+fn the_reader_sees_what_was_written_and_what_sled_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::seeded();
+    eprintln!("read-only reader test: seed {:#x}", rng.0);
+    let written = {
+        let db = open_sled(dir.path());
+        let trees: Vec<sled::Tree> = TREES.iter().map(|n| db.open_tree(n).unwrap()).collect();
+        for i in 0..12_000 {
+            random_write(&db, &trees, &mut rng);
+            if i % 3_000 == 2_999 {
+                db.flush().unwrap();
+                db.write_recovery_snapshot().unwrap();
+            }
+        }
+        // A tail after the last snapshot, which the reader must replay.
+        for _ in 0..1_500 {
+            random_write(&db, &trees, &mut rng);
+        }
+        db.flush().unwrap();
+        sled_contents(&db)
+    };
+    let pairs: usize = written.values().map(BTreeMap::len).sum();
+    assert!(
+        pairs > 5_000,
+        "the trees are big enough to have many leaves: {pairs}"
+    );
+
+    let before = fingerprint(dir.path());
+    let reader = open_read_only(dir.path());
+    assert_eq!(read_only_contents(&reader), written);
+    check_lookups(&reader, &written, &mut rng);
+    drop(reader);
+    assert_eq!(
+        fingerprint(dir.path()),
+        before,
+        "the reader wrote to the database"
+    );
+
+    let reopened = open_sled(dir.path());
+    assert_eq!(
+        sled_contents(&reopened),
+        written,
+        "sled itself reopens the same"
+    );
+}
+
+const CHILD_DIR_ENV: &str = "LARDER_READ_ONLY_CHILD_DIR";
+
+/// Writes at random until killed, flushing every 40 writes and writing a recovery snapshot
+/// every 700. Run by the crash test below.
+#[test]
+#[ignore = "run by the_reader_agrees_with_sled_recovery_after_kill_9"]
+fn read_only_child() {
+    let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
+        return;
+    };
+    let db = open_sled(Path::new(&dir));
+    let trees: Vec<sled::Tree> = TREES.iter().map(|n| db.open_tree(n).unwrap()).collect();
+    let mut rng = Rng::seeded();
+    for i in 0u64.. {
+        random_write(&db, &trees, &mut rng);
+        if i % 40 == 39 {
+            db.flush().unwrap();
+        }
+        if i % 700 == 699 {
+            db.write_recovery_snapshot().unwrap();
+        }
+    }
+}
+
+// kill -9 a writer at a random moment: before sled's recovery touches the files, the reader
+// must see exactly the state that recovery then rebuilds (the newest snapshot plus the valid
+// log after it, torn batches cut), must leave every file as it was, and must agree again once
+// sled has recovered and written its own snapshot.
+#[test]
+fn the_reader_agrees_with_sled_recovery_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut rng = Rng::seeded();
+    eprintln!("read-only crash test: seed {:#x}", rng.0);
+    let mut pairs = 0;
+    for round in 0..6 {
+        let mut child = Command::new(&exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "read_only::read_only_child",
+                "--test-threads=1",
+            ])
+            .env(CHILD_DIR_ENV, dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(400 + rng.below(900)));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "round {round}: the writer died on its own"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let before = fingerprint(dir.path());
+        let reader = open_read_only(dir.path());
+        let seen = read_only_contents(&reader);
+        drop(reader);
+        assert_eq!(
+            fingerprint(dir.path()),
+            before,
+            "round {round}: the reader wrote to the database"
+        );
+
+        let db = open_sled(dir.path());
+        let recovered = sled_contents(&db);
+        drop(db);
+        assert_eq!(
+            seen, recovered,
+            "round {round}: the reader and sled's recovery disagree"
+        );
+        let reader = open_read_only(dir.path());
+        assert_eq!(
+            read_only_contents(&reader),
+            recovered,
+            "round {round}: the reader disagrees after sled's recovery"
+        );
+        check_lookups(&reader, &recovered, &mut rng);
+        pairs = recovered.values().map(BTreeMap::len).sum();
+        eprintln!("round {round}: {pairs} pairs agree");
+    }
+    assert!(pairs > 1_000, "the writer got enough to disk: {pairs}");
+}
+
+fn put_entry(url: &str, tags: &[&str]) -> (VariantKey, larder::store::Entry) {
+    let primary = PrimaryKey::new("http", "example.com", url);
+    let key = VariantKey::new(&primary, &[]);
+    let mut e = crate::store::entry(&format!("http://example.com{url}"), tags);
+    e.url = primary.url().to_string();
+    (key, e)
+}
+
+// The store-level reader (what `larder dump --offline` uses) lists the same entries, in the same
+// order, as the open store does, for all, a URL prefix and a tag.
+#[tokio::test]
+async fn the_read_only_store_lists_what_the_store_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    for i in 0..600 {
+        let tags: &[&str] = if i % 3 == 0 { &["three"] } else { &["other"] };
+        let (key, e) = put_entry(&format!("/p{}/{i}", i % 7), tags);
+        crate::store::put(&store, key, e, b"body").await;
+    }
+    let listed = |prefix: Option<&str>, tag: Option<&str>| -> Vec<String> {
+        store
+            .entries(prefix, tag)
+            .map(|item| item.unwrap().1.url)
+            .collect()
+    };
+    let want = [
+        listed(None, None),
+        listed(Some("http://example.com/p3/"), None),
+        listed(None, Some("three")),
+        listed(Some("http://example.com/p1"), Some("three")),
+    ];
+    assert_eq!(want[0].len(), 600);
+    assert!(want.iter().all(|w| !w.is_empty()));
+    store.flush().await.unwrap();
+    drop(store);
+
+    let reader = ReadOnlyStore::open(dir.path()).unwrap().unwrap();
+    let got = |prefix: Option<&str>, tag: Option<&str>| -> Vec<String> {
+        reader
+            .entries(prefix, tag)
+            .map(|item| item.unwrap().1.url)
+            .collect()
+    };
+    assert_eq!(got(None, None), want[0]);
+    assert_eq!(got(Some("http://example.com/p3/"), None), want[1]);
+    assert_eq!(got(None, Some("three")), want[2]);
+    assert_eq!(got(Some("http://example.com/p1"), Some("three")), want[3]);
+    assert!(
+        ReadOnlyStore::open(&dir.path().join("none"))
+            .unwrap()
+            .is_none()
+    );
+}
