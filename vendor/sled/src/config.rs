@@ -356,8 +356,9 @@ impl Config {
 
     /// Larder patch: opens the database at this config's path for reading only, recovering its
     /// state as `open` would but without an in-memory page table (see `ReadOnlyDb`). `scratch`
-    /// makes the reader's two scratch files (anonymous temp files, best on a disk rather than
-    /// in memory). Returns `None` if there is no database at the path, and creates nothing.
+    /// makes the reader's two scratch files, two distinct ones on each call (anonymous temp
+    /// files, best on a disk rather than in memory; they are emptied first). Returns `None` if
+    /// there is no database at the path, and creates nothing.
     /// Fails like `open` if another process holds the database.
     pub fn open_read_only(
         &self,
@@ -367,9 +368,10 @@ impl Config {
         if !self.db_path().exists() {
             return Ok(None);
         }
-        if self.use_compression {
+        if self.use_compression || self.temporary {
+            // A temporary config's last clone removes the directory when dropped.
             return Err(Error::Unsupported(
-                "the read-only reader does not read compressed databases"
+                "the read-only reader reads neither compressed nor temporary databases"
                     .into(),
             ));
         }
@@ -385,7 +387,8 @@ impl Config {
                      or by another sled version"
                 );
             }
-            None => return Err(Error::corruption(None)),
+            // `open` would write a new one; the parameters are this config's either way.
+            None => {}
         }
         let file = fs::OpenOptions::new().read(true).open(config.db_path())?;
         let file = config.try_lock(file)?;

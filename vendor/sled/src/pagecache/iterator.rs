@@ -284,6 +284,7 @@ fn valid_entry_offset(lid: LogOffset, segment_len: usize) -> bool {
 fn scan_segment_headers_and_tail(
     min: Lsn,
     config: &RunningConfig,
+    parallel: bool,
 ) -> Result<(BTreeMap<Lsn, LogOffset>, Lsn)> {
     fn fetch(
         idx: u64,
@@ -333,31 +334,14 @@ fn scan_segment_headers_and_tail(
         segments
     );
 
-    // scatter
-    let header_promises_res: Result<Vec<_>> = (0..segments)
-        .map({
-            // let config = config.clone();
-            move |idx| {
-                threadpool::spawn({
-                    let config = config.clone();
-                    move || fetch(idx, min, &config)
-                })
-            }
-        })
-        .collect();
-
-    let header_promises = header_promises_res?;
-
-    // gather
-    let mut headers: Vec<(LogOffset, SegmentHeader)> = vec![];
-    for promise in header_promises {
-        let read_attempt =
-            promise.wait().expect("thread pool should not crash");
-
-        if let Some(completed_result) = read_attempt {
-            headers.push(completed_result);
-        }
-    }
+    // Larder patch: the read-only reader scans on its own thread. The scatter below queues a
+    // job per segment and can start up to 128 pool threads, whose memory the reader would
+    // otherwise pay for in proportion to the log's size.
+    let headers: Vec<(LogOffset, SegmentHeader)> = if parallel {
+        scatter_gather_headers(segments, min, config, fetch)?
+    } else {
+        (0..segments).filter_map(|idx| fetch(idx, min, config)).collect()
+    };
 
     // find max stable LSN recorded in segment headers
     let mut ordering = BTreeMap::new();
@@ -393,6 +377,41 @@ fn scan_segment_headers_and_tail(
         )?;
 
     Ok((ordering, end_of_last_contiguous_message_in_unstable_tail))
+}
+
+fn scatter_gather_headers(
+    segments: u64,
+    min: Lsn,
+    config: &RunningConfig,
+    fetch: fn(u64, Lsn, &RunningConfig) -> Option<(LogOffset, SegmentHeader)>,
+) -> Result<Vec<(LogOffset, SegmentHeader)>> {
+    // scatter
+    let header_promises_res: Result<Vec<_>> = (0..segments)
+        .map({
+            // let config = config.clone();
+            move |idx| {
+                threadpool::spawn({
+                    let config = config.clone();
+                    move || fetch(idx, min, &config)
+                })
+            }
+        })
+        .collect();
+
+    let header_promises = header_promises_res?;
+
+    // gather
+    let mut headers: Vec<(LogOffset, SegmentHeader)> = vec![];
+    for promise in header_promises {
+        let read_attempt =
+            promise.wait().expect("thread pool should not crash");
+
+        if let Some(completed_result) = read_attempt {
+            headers.push(completed_result);
+        }
+    }
+
+    Ok(headers)
 }
 
 // This ensures that the last <# io buffers> segments on
@@ -471,11 +490,21 @@ pub fn raw_segment_iter_from(
     lsn: Lsn,
     config: &RunningConfig,
 ) -> Result<LogIter> {
+    segment_iter_from(lsn, config, true)
+}
+
+/// Larder patch: `raw_segment_iter_from`, reading the segment headers on this thread if
+/// `parallel` is false.
+pub(crate) fn segment_iter_from(
+    lsn: Lsn,
+    config: &RunningConfig,
+    parallel: bool,
+) -> Result<LogIter> {
     let segment_len = config.segment_size as Lsn;
     let normalized_lsn = lsn / segment_len * segment_len;
 
     let (ordering, end_of_last_msg) =
-        scan_segment_headers_and_tail(normalized_lsn, config)?;
+        scan_segment_headers_and_tail(normalized_lsn, config, parallel)?;
 
     // find the last stable tip, to properly handle batch manifests.
     let tip_segment_iter: BTreeMap<_, _> = ordering

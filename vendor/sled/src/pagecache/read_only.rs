@@ -61,6 +61,7 @@ struct DiskPageTable {
     states: File,
     states_len: u64,
     pages: u64,
+    replayed: u64,
 }
 
 impl ReadOnlyDb {
@@ -70,11 +71,20 @@ impl ReadOnlyDb {
         config: RunningConfig,
         mut scratch: impl FnMut() -> std::io::Result<File>,
     ) -> Result<Arc<ReadOnlyDb>> {
+        let (slots, states) = (scratch()?, scratch()?);
+        // The snapshot is streamed in through each file's cursor, everything else goes by
+        // offset: both must start empty at offset 0.
+        for file in [&slots, &states] {
+            file.set_len(0)?;
+            let mut cursor: &File = file;
+            std::io::Seek::seek(&mut cursor, std::io::SeekFrom::Start(0))?;
+        }
         let mut pages = DiskPageTable {
-            slots: scratch()?,
-            states: scratch()?,
+            slots,
+            states,
             states_len: 0,
             pages: 0,
+            replayed: 0,
         };
         let stable_lsn = pages.load_snapshot(&config)?;
         pages.replay_log(&config, stable_lsn)?;
@@ -96,6 +106,12 @@ impl ReadOnlyDb {
     pub fn tree(self: &Arc<Self>, name: &[u8]) -> Option<ReadOnlyTree> {
         let root = self.meta.get_root(name)?;
         Some(ReadOnlyTree { db: self.clone(), root })
+    }
+
+    /// How many log records after the newest snapshot recovery applied: what the next open
+    /// has to replay on top of the snapshot.
+    pub fn replayed_log_records(&self) -> u64 {
+        self.pages.replayed
     }
 
     /// The page `pid` as a node (its base with every fragment applied); `None` if it is free.
@@ -284,6 +300,20 @@ impl DiskPageTable {
         let mut trailer = [0u8; 12];
         pread_exact(&file, &mut trailer, body_len)?;
         let crc_expected = arr_to_u32(&trailer[8..]);
+        // Checked before anything is parsed, as `read_snapshot` does: sled's decoders index
+        // past the end of damaged input instead of failing.
+        let mut crc = crc32fast::Hasher::new();
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut at = 0;
+        while at < body_len {
+            let n = usize::try_from((body_len - at).min(chunk.len() as u64)).unwrap();
+            pread_exact(&file, &mut chunk[..n], at)?;
+            crc.update(&chunk[..n]);
+            at += n as u64;
+        }
+        if crc.finalize() != crc_expected {
+            return Err(Error::corruption(None));
+        }
 
         let mut reader = ChunkReader::new(file.take(body_len));
         let stable_lsn: Option<Lsn> = reader.decode()?;
@@ -293,7 +323,7 @@ impl DiskPageTable {
         let mut states = BufWriter::new(&self.states);
         let mut pid: PageId = 0;
         loop {
-            // One PageState is at most 1 + 256 * 37 bytes.
+            // One PageState is at most 1 + 256 * 35 bytes.
             let window = reader.window(16 << 10)?;
             if window.is_empty() {
                 break;
@@ -317,9 +347,6 @@ impl DiskPageTable {
         states.flush()?;
         drop((slots, states));
         self.pages = pid;
-        if reader.crc() != crc_expected {
-            return Err(Error::corruption(None));
-        }
         Ok(stable_lsn)
     }
 
@@ -329,7 +356,7 @@ impl DiskPageTable {
         config: &RunningConfig,
         stable_lsn: Option<Lsn>,
     ) -> Result<()> {
-        let mut iter = raw_segment_iter_from(stable_lsn.unwrap_or(0), config)?;
+        let mut iter = segment_iter_from(stable_lsn.unwrap_or(0), config, false)?;
         while let Some((kind, pid, lsn, ptr, sz)) = iter.next() {
             if lsn < stable_lsn.unwrap_or(-1) {
                 continue;
@@ -337,6 +364,7 @@ impl DiskPageTable {
             if lsn >= iter.max_lsn.unwrap() {
                 return Err(Error::corruption(None));
             }
+            self.replayed += 1;
             match kind {
                 LogKind::Replace => self.set(
                     pid,
@@ -350,12 +378,68 @@ impl DiskPageTable {
                             frags.push((lsn, ptr, sz));
                             self.set(pid, &PageState::Present { base, frags })?;
                         }
+                    } else {
+                        // `Snapshot::apply` grows its table to the pid and shrinks it by one:
+                        // the pages in between stay uninitialized (a gap, caught below).
+                        self.pages = self.pages.max(pid);
                     }
                 }
                 LogKind::Free => self.set(pid, &PageState::Free(lsn, ptr))?,
                 LogKind::Corrupted | LogKind::Skip => {
                     return Err(Error::corruption(None));
                 }
+            }
+        }
+        self.check_recovered(&iter, config, stable_lsn)
+    }
+
+    /// The checks `advance_snapshot` and `load_snapshot` make of the recovered state, which
+    /// fail sled's open as corrupt (or panic it) where a reader would otherwise go on.
+    fn check_recovered(
+        &self,
+        iter: &LogIter,
+        config: &RunningConfig,
+        stable_lsn: Option<Lsn>,
+    ) -> Result<()> {
+        let no_recovery_progress = iter.cur_lsn.is_none()
+            || iter.cur_lsn.unwrap() <= stable_lsn.unwrap_or(0);
+        if no_recovery_progress && stable_lsn.is_none() {
+            if self.pages > 0 {
+                return Err(Error::corruption(None));
+            }
+        } else if let Some(iterated_lsn) = iter.cur_lsn {
+            let segment_size = config.segment_size as Lsn;
+            let progress = iterated_lsn % segment_size;
+            let monotonic = progress >= SEG_HEADER_LEN as Lsn
+                || (progress == 0 && iter.segment_base.is_none());
+            if !monotonic {
+                return Err(Error::corruption(None));
+            }
+            let recovered_lsn =
+                if progress + MAX_MSG_HEADER_LEN as Lsn >= segment_size {
+                    config.normalize(iterated_lsn) + segment_size
+                } else {
+                    iterated_lsn
+                };
+            if recovered_lsn < stable_lsn.unwrap_or(0) {
+                return Err(Error::corruption(None));
+            }
+        }
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut read = 0;
+        for pid in 0..self.pages {
+            let at = usize::try_from(pid * SLOT_LEN).unwrap() % chunk.len();
+            if at == 0 {
+                read = pread_exact_or_eof(&self.slots, &mut chunk, pid * SLOT_LEN)?;
+            }
+            let slot = &chunk[at..at + SLOT_LEN as usize];
+            let present = at + (SLOT_LEN as usize) <= read
+                && u32::from_le_bytes(slot[8..12].try_into().unwrap()) != 0;
+            if !present {
+                return Err(Error::ReportableBug(format!(
+                    "page {} is uninitialized in the recovered page table",
+                    pid
+                )));
             }
         }
         Ok(())
@@ -417,13 +501,12 @@ fn read_update(
     }
 }
 
-/// A buffered reader that hands out a window of unread bytes and checksums what it consumes.
+/// A buffered reader that hands out a window of unread bytes.
 struct ChunkReader<R> {
     inner: R,
     buf: Vec<u8>,
     start: usize,
     eof: bool,
-    crc: crc32fast::Hasher,
 }
 
 impl<R: Read> ChunkReader<R> {
@@ -433,7 +516,6 @@ impl<R: Read> ChunkReader<R> {
             buf: Vec::with_capacity(256 << 10),
             start: 0,
             eof: false,
-            crc: crc32fast::Hasher::new(),
         }
     }
 
@@ -466,12 +548,6 @@ impl<R: Read> ChunkReader<R> {
     }
 
     fn consume(&mut self, n: usize) {
-        self.crc.update(&self.buf[self.start..self.start + n]);
         self.start += n;
-    }
-
-    /// The checksum of everything consumed, once the input is consumed to its end.
-    fn crc(&self) -> u32 {
-        self.crc.clone().finalize()
     }
 }
