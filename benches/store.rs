@@ -207,7 +207,7 @@ fn warm_start(n: u64) {
         eprintln!("warm: filled {n} entries in {:.1?}", fill.elapsed());
         let close = Instant::now();
         drop(store);
-        eprintln!("warm: close (flush + checkpoint) {:.1?}", close.elapsed());
+        eprintln!("warm: close (flush + snapshot) {:.1?}", close.elapsed());
     }
     eprintln!(
         "warm: {n} entries took {:.1?} with close; sled dir {} MiB",
@@ -240,7 +240,7 @@ fn warm_start(n: u64) {
         if ok { "<" } else { ">=" }
     );
     drop(store);
-    // Again (the close above checkpointed once more).
+    // Again (the close above wrote another snapshot).
     let start = Instant::now();
     let store = open(dir.path(), StoreOptions::default().inline_max);
     let len = rt.block_on(get(&store, probe + 1));

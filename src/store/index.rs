@@ -179,7 +179,7 @@ enum Failure {
 
 /// [`try_open_now`], waiting up to a second for a lock this process just released: sled lets go
 /// of its file lock only when its I/O threads finish with a handle that was dropped, so a
-/// reopen in the same process (a checkpoint at close, tests) can find it still held.
+/// reopen in the same process (tests, a restart in place) can find it still held.
 fn try_open(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
     let mut tries = 0;
     loop {
@@ -227,16 +227,6 @@ fn try_open_now(path: &Path, cache_capacity: u64) -> Result<Index, Failure> {
         Ok(Ok(index)) => Ok(index),
         Ok(Err(e)) => Err(classify(path, e)),
         Err(_) => Err(Failure::Corrupt("sled panicked while opening".into())),
-    }
-}
-
-/// Opens and closes the database once, so that sled writes a recovery snapshot of everything
-/// (opening does) and the next open replays nothing.
-pub(super) fn checkpoint(path: &Path, cache_capacity: u64) -> Result<(), StoreError> {
-    match try_open(path, cache_capacity) {
-        Ok(index) => index.flush(),
-        Err(Failure::Corrupt(why)) => Err(StoreError::Db(why.into())),
-        Err(Failure::Other(e)) => Err(e),
     }
 }
 

@@ -269,7 +269,6 @@ struct Shared {
     /// Set by a commit that left the store over `max_size`; the flusher thread evicts.
     over_budget: AtomicBool,
     dir: PathBuf,
-    cache_capacity: u64,
     index: Index,
     bodies: Bodies,
     inline_max: usize,
@@ -341,7 +340,6 @@ impl Store {
         let sketch = FrequencySketch::new(expected.clamp(1 << 14, 1 << 21) as usize);
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
-            cache_capacity: opts.cache_capacity,
             index,
             bodies,
             inline_max: opts.inline_max,
@@ -1401,15 +1399,17 @@ impl Drop for Inner {
         if let Err(e) = shared.flush_and_unlink() {
             tracing::error!(error = %e, "store flush on close failed");
         }
-        // With the flusher joined this is the last reference: close the database, then open
-        // and close it once more. sled 0.34 itself writes its recovery snapshot only while
-        // opening; the flusher's run-time snapshots bound the replay after a crash, and this one
-        // leaves nothing at all to replay at the next start.
-        if let Ok(shared) = Arc::try_unwrap(shared) {
-            let (db_dir, cache_capacity) = (shared.dir.join("db"), shared.cache_capacity);
-            drop(shared);
-            if let Err(e) = index::checkpoint(&db_dir, cache_capacity) {
-                tracing::warn!(error = %e, "store checkpoint on close failed; the next open will be slower");
+        // sled 0.34 writes a recovery snapshot itself only while opening; the flusher's bound
+        // the replay after a crash, and this one leaves (next to) nothing to replay at the next
+        // start. Sound while body streams still hold the database: the snapshot is fuzzy.
+        for _ in 0..3 {
+            match shared.index.write_snapshot() {
+                Ok(true) => break,
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "store snapshot on close failed; the next open will be slower");
+                    break;
+                }
             }
         }
     }
