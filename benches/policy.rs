@@ -95,7 +95,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| vary_values(black_box(&fields), black_box(&req), &opts))
     });
 
-    // The whole per-hit policy work, as the proxy does it (proxy::select_variant + lookup):
+    // The whole per-hit policy work, as the proxy does it (proxy::selected + lookup):
     // parse and normalize the request's Vary'd fields, match them against the stored key,
     // parse the request's Cache-Control and decide. Freshness itself was computed at store time.
     let stored_vary = vary_values(&fields, &req, &opts);

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::flight::{Flight, FlightKey, LeadGuard, Outcome, Reader, Share, SharedHead};
 use super::range;
 use super::respond::{self, CacheStatus};
-use super::{ProxyState, RequestCtx, select_variant};
+use super::{ProxyState, RequestCtx};
 use crate::key::{PrimaryKey, VariantKey};
 use crate::policy::{self, HeaderList, Lookup, Storable, Vary};
 use crate::store::{BodyInfo, BodyWriter, Entry, StoreError, Variants};
@@ -472,7 +472,9 @@ async fn from_revalidated(
     let Some(entry) = state.store.get(&key).ok().flatten() else {
         return Ok(None);
     };
-    let (key, entry) = select_variant(vec![(key, entry)], &ctx.headers, &state.policy).ok_or(())?;
+    if !super::vary_matches(&entry, &ctx.headers, &state.policy) {
+        return Err(());
+    }
     Ok(respond::from_store(ctx, state, &key, &entry, status).await)
 }
 

@@ -18,7 +18,7 @@ use std::time::SystemTime;
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use crate::clock::Clock;
-use crate::key::{PrimaryKey, VariantKey};
+use crate::key::PrimaryKey;
 use crate::metrics::Metrics;
 use crate::policy::{self, HeaderList, Lookup, PolicyOptions};
 use crate::store::{Entry, Store, Variant, Variants};
@@ -194,19 +194,8 @@ async fn lookup_cached(
 }
 
 /// The stored variant this request selects (RFC 9111 §4.1): the newest one whose Vary'd
-/// request values equal this request's.
-pub(crate) fn select_variant(
-    variants: Vec<(VariantKey, Entry)>,
-    req: &HeaderList,
-    opts: &PolicyOptions,
-) -> Option<(VariantKey, Entry)> {
-    variants
-        .into_iter()
-        .filter(|(_, entry)| vary_matches(entry, req, opts))
-        .max_by_key(|(_, entry)| entry.freshness.response_time)
-}
-
-/// [`select_variant`] over the store's shared copy: the hit path borrows, never clones.
+/// request values equal this request's. Borrows the store's shared copy: the hit path never
+/// clones.
 fn selected<'v>(
     variants: &'v [Variant],
     req: &HeaderList,
@@ -218,6 +207,7 @@ fn selected<'v>(
         .max_by_key(|v| v.entry.freshness.response_time)
 }
 
+/// True if `entry` is the variant for a request with headers `req` (its Vary'd values match).
 fn vary_matches(entry: &Entry, req: &HeaderList, opts: &PolicyOptions) -> bool {
     entry.vary.is_empty() || {
         let fields: Vec<String> = entry.vary.iter().map(|(name, _)| name.clone()).collect();
