@@ -19,9 +19,11 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 
-/// Index nodes kept between lookups (a root and its children at most, in practice). Leaves are
-/// not kept: a scan reads each once.
-const MAX_CACHED_INDEX_NODES: usize = 256;
+/// Index nodes kept between lookups: enough for the root and the nodes a scan is passing
+/// through, few enough to stay small (an index node holds up to 256 keys; with 256 nodes kept
+/// the dump of 1M entries peaked 2.5 MiB higher than that of 100k). Leaves are not kept: a scan
+/// reads each once.
+const MAX_CACHED_INDEX_NODES: usize = 32;
 
 /// Bound on the steps of one descent, like `Tree::view_for_key`: a cycle in damaged data ends
 /// in an error, not a hang.
