@@ -467,3 +467,123 @@ fn a_damaged_snapshot_is_an_error() {
         damaged.map(|d| d.is_some())
     );
 }
+
+const CRASH_POINT_DIR_ENV: &str = "LARDER_CRASH_POINT_CHILD_DIR";
+
+/// Grows and shrinks one tree in turns (fills of 4 000 keys, then removes of most of them), so
+/// that leaves split and merge all the time, until a sled crash point aborts the process.
+#[test]
+#[ignore = "run by the_reader_agrees_with_sled_after_crashes_inside_splits_and_merges"]
+fn crash_point_child() {
+    let Some(dir) = std::env::var_os(CRASH_POINT_DIR_ENV) else {
+        return;
+    };
+    let db = open_sled(Path::new(&dir));
+    let tree = db.open_tree("a").unwrap();
+    let mut rng = Rng::seeded();
+    loop {
+        for _ in 0..4_000 {
+            tree.insert(format!("{:05}", rng.below(6_000)), &b"value"[..])
+                .unwrap();
+        }
+        for _ in 0..5_000 {
+            tree.remove(format!("{:05}", rng.below(6_000))).unwrap();
+        }
+        db.flush().unwrap();
+    }
+}
+
+// A crash inside a split or a merge, at each step where sled's own readers would help the
+// operation along: the reader, which only reads, must see exactly what sled's recovery then
+// rebuilds. The reader's counters show that the cut states were really met (a split's new node
+// reached only through its left sibling, a parent with a merge intention, a capped child).
+#[test]
+fn the_reader_agrees_with_sled_after_crashes_inside_splits_and_merges() {
+    let exe = std::env::current_exe().unwrap();
+    let mut met = sled::ReadStats::default();
+    for point in [
+        "split_child",
+        "split_root",
+        "hoist_alloc",
+        "merge_intent",
+        "merge_cap",
+        "merge_left",
+        "merge_confirm",
+    ] {
+        // The root splits once or twice per database; the others happen all the time.
+        let (one_in, rounds) = if point.starts_with("split_root") || point == "hoist_alloc" {
+            (1, 2)
+        } else {
+            (40, 3)
+        };
+        for round in 0..rounds {
+            let dir = tempfile::tempdir().unwrap();
+            let started = Instant::now();
+            let status = Command::new(&exe)
+                .args([
+                    "--ignored",
+                    "--exact",
+                    "read_only::crash_point_child",
+                    "--test-threads=1",
+                ])
+                .env(CRASH_POINT_DIR_ENV, dir.path())
+                .env("SLED_CRASH_POINT", format!("{point}:{one_in}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+                .wait_timeout_or_kill(Duration::from_secs(60));
+            assert!(
+                status.is_some_and(|s| !s.success()),
+                "{point} round {round}: the writer did not abort at the crash point within {:?}",
+                started.elapsed()
+            );
+            let reader = open_read_only(dir.path());
+            let seen = read_only_contents(&reader);
+            let stats = reader.stats();
+            drop(reader);
+            let db = open_sled(dir.path());
+            assert_eq!(
+                seen,
+                sled_contents(&db),
+                "{point} round {round}: the reader and sled's recovery disagree"
+            );
+            met.sibling_links_followed += stats.sibling_links_followed;
+            met.merge_intentions += stats.merge_intentions;
+            met.capped_nodes += stats.capped_nodes;
+            eprintln!(
+                "{point} round {round}: {} pairs agree, {stats:?}",
+                seen["a"].len()
+            );
+        }
+    }
+    assert!(
+        met.sibling_links_followed > 0,
+        "no half-done split was met: {met:?}"
+    );
+    assert!(
+        met.merge_intentions > 0,
+        "no merge intention was met: {met:?}"
+    );
+    assert!(met.capped_nodes > 0, "no capped child was met: {met:?}");
+}
+
+trait WaitTimeout {
+    /// Waits up to `limit` for the child to exit; kills it after that. `None` if it was killed.
+    fn wait_timeout_or_kill(self, limit: Duration) -> Option<std::process::ExitStatus>;
+}
+
+impl WaitTimeout for std::process::Child {
+    fn wait_timeout_or_kill(mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.kill();
+        let _ = self.wait();
+        None
+    }
+}

@@ -312,7 +312,7 @@ pub use self::{
     db::{open, Db},
     iter::Iter,
     ivec::IVec,
-    pagecache::{ReadOnlyDb, ReadOnlyIter, ReadOnlyTree},
+    pagecache::{ReadOnlyDb, ReadOnlyIter, ReadOnlyTree, ReadStats},
     result::{Error, Result},
     subscriber::{Event, Subscriber},
     transaction::Transactional,

@@ -1482,6 +1482,11 @@ impl Tree {
             return Ok(());
         }
         M.tree_child_split_success();
+        self.context.pagecache.crash_point(if parent_view.is_some() {
+            "split_child"
+        } else {
+            "split_root"
+        });
 
         // either install parent split or hoist root
         if let Some(parent_view) = parent_view {
@@ -1532,6 +1537,7 @@ impl Tree {
         let (new_root_pid, new_root_ptr) =
             self.context.pagecache.allocate(new_root, guard)?;
         debug!("allocated pid {} in root_hoist", new_root_pid);
+        self.context.pagecache.crash_point("hoist_alloc");
 
         debug_delay();
 
@@ -1746,6 +1752,7 @@ impl Tree {
                         )?;
 
                         if let Ok(new_parent_ptr) = link {
+                            self.context.pagecache.crash_point("merge_intent");
                             parent.node_view = NodeView(new_parent_ptr);
                             self.merge_node(parent, cursor, guard)?;
                             retry!();
@@ -1908,6 +1915,7 @@ impl Tree {
         } else {
             return Ok(());
         };
+        self.context.pagecache.crash_point("merge_cap");
 
         let index = parent_view.data.index_ref().unwrap();
         let child_index =
@@ -1986,6 +1994,7 @@ impl Tree {
                             child_pid,
                             cursor_pid
                         );
+                        self.context.pagecache.crash_point("merge_left");
                         break;
                     }
                     Err(None) => {
@@ -2052,6 +2061,7 @@ impl Tree {
         if !should_continue {
             return Ok(());
         }
+        self.context.pagecache.crash_point("merge_confirm");
 
         match self.context.pagecache.free(
             child_pid,

@@ -64,7 +64,7 @@ pub use self::{
     },
     disk_pointer::DiskPtr,
     logger::{Log, LogRead},
-    read_only::{ReadOnlyDb, ReadOnlyIter, ReadOnlyTree},
+    read_only::{ReadOnlyDb, ReadOnlyIter, ReadOnlyTree, ReadStats},
 };
 
 /// The offset of a segment. This equals its `LogOffset` (or the offset of any
@@ -2214,6 +2214,43 @@ impl PageCache {
         write_snapshot(&self.config, &snapshot)?;
         Ok(Some(stable_lsn))
     }
+
+    /// Larder patch (feature `crash-points`, for crash tests): if `SLED_CRASH_POINT` is
+    /// `<point>:<n>`, aborts the process at about one in `n` passes through `point`, after
+    /// making everything written so far durable, so that recovery sees the state of a tree
+    /// operation cut in the middle. Points: `split_child`, `split_root`, `hoist_alloc`,
+    /// `merge_intent`, `merge_cap`, `merge_left`, `merge_confirm`.
+    #[cfg(feature = "crash-points")]
+    pub(crate) fn crash_point(&self, point: &str) {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        static PASSES: AtomicU64 = AtomicU64::new(0);
+        let spec = match std::env::var("SLED_CRASH_POINT") {
+            Ok(spec) => spec,
+            Err(_) => return,
+        };
+        let mut parts = spec.split(':');
+        if parts.next() != Some(point) {
+            return;
+        }
+        let one_in: u64 = parts.next().and_then(|n| n.parse().ok()).unwrap_or(20);
+        // A different pass each run: the pid seeds it.
+        let mut x = u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ PASSES.fetch_add(1, Relaxed).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 31;
+        x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 29;
+        if x % one_in.max(1) != 0 {
+            return;
+        }
+        let lsn = self.log.iobufs.max_reserved_lsn.load(Acquire);
+        let _ = iobuf::make_stable(&self.log.iobufs, lsn);
+        eprintln!("sled crash point {} hit", point);
+        std::process::abort();
+    }
+
+    #[cfg(not(feature = "crash-points"))]
+    #[inline(always)]
+    pub(crate) fn crash_point(&self, _point: &str) {}
 
     /// Larder patch: the highest log sequence number known to be durable.
     pub(crate) fn stable_lsn(&self) -> Lsn {

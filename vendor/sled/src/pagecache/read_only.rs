@@ -39,6 +39,19 @@ pub struct ReadOnlyDb {
     pages: DiskPageTable,
     meta: Meta,
     index_nodes: Mutex<HashMap<PageId, Arc<Node>>>,
+    stats: Mutex<ReadStats>,
+}
+
+/// What the descents of a [`ReadOnlyDb`] met of tree operations that a crash cut short, so
+/// that tests can tell they covered those states.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Right-sibling links followed: a split whose parent did not know the new node yet.
+    pub sibling_links_followed: u64,
+    /// Nodes passed with a merge intention for one of their children.
+    pub merge_intentions: u64,
+    /// Nodes read that were capped for a merge into their left sibling.
+    pub capped_nodes: u64,
 }
 
 /// One tree of a [`ReadOnlyDb`].
@@ -101,6 +114,7 @@ impl ReadOnlyDb {
             pages,
             meta,
             index_nodes: Mutex::new(HashMap::new()),
+            stats: Mutex::new(ReadStats::default()),
         }))
     }
 
@@ -114,6 +128,11 @@ impl ReadOnlyDb {
     /// has to replay on top of the snapshot.
     pub fn replayed_log_records(&self) -> u64 {
         self.pages.replayed
+    }
+
+    /// What the descents so far met (see [`ReadStats`]).
+    pub fn stats(&self) -> ReadStats {
+        *self.stats.lock().unwrap()
     }
 
     /// The page `pid` as a node (its base with every fragment applied); `None` if it is free.
@@ -160,6 +179,12 @@ impl ReadOnlyDb {
                 )));
             }
             let undershot = !node.hi.is_empty() && key >= node.hi.as_ref();
+            {
+                let mut stats = self.stats.lock().unwrap();
+                stats.sibling_links_followed += u64::from(undershot);
+                stats.merge_intentions += u64::from(node.merging_child.is_some());
+                stats.capped_nodes += u64::from(node.merging);
+            }
             if undershot {
                 cursor = node
                     .next
