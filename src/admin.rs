@@ -387,8 +387,9 @@ fn bearer_credentials(value: &str) -> Option<&str> {
 }
 
 /// Compares the blake3 hashes of both, which `blake3::Hash` does in constant time: the time
-/// taken tells neither how much of a guess matched nor how long the configured token is (a
-/// byte-wise loop runs as long as the longer of the two, which gives the length away).
+/// taken does not tell how much of a guess matched, and of the configured token's length only
+/// its count of 64-byte blocks (a byte-wise loop runs as long as the longer of the two, which
+/// gives the length away).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     blake3::hash(a) == blake3::hash(b)
 }

@@ -1402,15 +1402,19 @@ impl Drop for Inner {
         // sled 0.34 writes a recovery snapshot itself only while opening; the flusher's bound
         // the replay after a crash, and this one leaves (next to) nothing to replay at the next
         // start. Sound while body streams still hold the database: the snapshot is fuzzy.
+        let mut written = false;
         for _ in 0..3 {
             match shared.index.write_snapshot() {
-                Ok(true) => break,
+                Ok(true) => written = true,
                 Ok(false) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "store snapshot on close failed; the next open will be slower");
-                    break;
-                }
+                Err(e) => tracing::warn!(error = %e, "store snapshot on close failed"),
             }
+            break;
+        }
+        if !written {
+            tracing::warn!(
+                "no recovery snapshot written on close; the next open replays the log since the last one"
+            );
         }
     }
 }

@@ -61,7 +61,8 @@ impl ReadOnlyStore {
             }),
             Some(0) => Err(StoreError::UnsupportedSchema { path, found: 0 }),
             Some(_) => Ok(Some(store)),
-            None if store.entries.is_none() || store.all().next().is_none() => Ok(Some(store)),
+            // As `migrate::prepare` decides: no version and no record at all is a new store.
+            None if store.holds_no_record().map_err(|e| read_err(&path, e))? => Ok(Some(store)),
             None => Err(StoreError::UnsupportedSchema { path, found: 0 }),
         }
     }
@@ -92,6 +93,14 @@ impl ReadOnlyStore {
                 Box::new(self.resolve(rows, 0, url_row_matches))
             }
             (None, None) => Box::new(self.all()),
+        }
+    }
+
+    /// True if the entries tree holds no record, decodable or not.
+    fn holds_no_record(&self) -> sled::Result<bool> {
+        match &self.entries {
+            None => Ok(true),
+            Some(tree) => catch_panic(|| tree.iter().next().transpose().map(|r| r.is_none())),
         }
     }
 

@@ -286,7 +286,11 @@ impl DiskPageTable {
             return Ok(None);
         }
         let mut slot = [0u8; SLOT_LEN as usize];
-        pread_exact(&self.slots, &mut slot, pid * SLOT_LEN)?;
+        // Past the end of the slot file: a page id that a skipped fragment raised `pages` to
+        // (see `replay_log`), never written.
+        if pread_exact_or_eof(&self.slots, &mut slot, pid * SLOT_LEN)? < slot.len() {
+            return Ok(None);
+        }
         let offset = u64::from_le_bytes(slot[..8].try_into().unwrap());
         let len = u32::from_le_bytes(slot[8..12].try_into().unwrap());
         if len == 0 {
