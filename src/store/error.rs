@@ -78,6 +78,17 @@ pub enum StoreError {
     /// The options passed to `Store::open` are out of range.
     #[error("invalid store options: {0}")]
     InvalidOptions(String),
+    /// A read-only open found the database damaged ([`super::ReadOnlyStore`]; `Store::open`
+    /// moves such a database aside instead).
+    #[error(
+        "the store database at {path} is damaged ({why}); this read changed nothing, and `larder serve` moves a damaged database aside and starts with an empty cache"
+    )]
+    Damaged {
+        /// The database directory.
+        path: PathBuf,
+        /// What sled reported.
+        why: String,
+    },
 }
 
 impl StoreError {

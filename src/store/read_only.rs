@@ -19,6 +19,7 @@ use crate::key::VariantKey;
 
 /// A stopped store, open for reading.
 pub struct ReadOnlyStore {
+    path: PathBuf,
     entries: Option<ReadOnlyTree>,
     urls: Option<ReadOnlyTree>,
     tags: Option<ReadOnlyTree>,
@@ -43,6 +44,7 @@ impl ReadOnlyStore {
             Err(e) => return Err(read_err(&path, e)),
         };
         let store = ReadOnlyStore {
+            path: path.clone(),
             entries: db.tree(b"entries"),
             urls: db.tree(b"urls"),
             tags: db.tree(b"tags"),
@@ -79,7 +81,7 @@ impl ReadOnlyStore {
             (Some(tag), prefix) => {
                 let tag_part = tag_prefix(tag);
                 let at = tag_part.len();
-                let rows = rows(self.tags.as_ref(), &tag_part);
+                let rows = self.rows(self.tags.as_ref(), &tag_part);
                 Box::new(
                     self.resolve(rows, at, move |row, e| tag_row_matches(row, at, e))
                         .filter(move |item| match (item, &prefix) {
@@ -89,7 +91,7 @@ impl ReadOnlyStore {
                 )
             }
             (None, Some(prefix)) => {
-                let rows = rows(self.urls.as_ref(), prefix.as_bytes());
+                let rows = self.rows(self.urls.as_ref(), prefix.as_bytes());
                 Box::new(self.resolve(rows, 0, url_row_matches))
             }
             (None, None) => Box::new(self.all()),
@@ -106,7 +108,7 @@ impl ReadOnlyStore {
 
     /// Every entry, in key order.
     fn all(&self) -> impl Iterator<Item = Item> + '_ {
-        rows(self.entries.as_ref(), &[]).filter_map(|item| {
+        self.rows(self.entries.as_ref(), &[]).filter_map(|item| {
             let (k, v) = match item {
                 Ok(kv) => kv,
                 Err(e) => return Some(Err(e)),
@@ -144,27 +146,31 @@ impl ReadOnlyStore {
         let Some(entries) = &self.entries else {
             return Ok(None);
         };
-        let bytes = catch_panic(|| entries.get(key.as_bytes())).map_err(db_err)?;
+        let bytes =
+            catch_panic(|| entries.get(key.as_bytes())).map_err(|e| read_err(&self.path, e))?;
         Ok(bytes.and_then(|b| decoded(key, &b)))
     }
 }
 
-/// The pairs of `tree` whose key starts with `prefix`; none if the tree does not exist.
-fn rows<'t>(
-    tree: Option<&'t ReadOnlyTree>,
-    prefix: &[u8],
-) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + 't {
-    let mut iter = tree.map(|t| t.scan_prefix(prefix));
-    let mut failed = false;
-    std::iter::from_fn(move || {
-        if failed {
-            return None;
-        }
-        let rows = iter.as_mut()?;
-        let next = catch_panic(|| rows.next().transpose()).transpose()?;
-        failed = next.is_err();
-        Some(next.map_err(db_err))
-    })
+impl ReadOnlyStore {
+    /// The pairs of `tree` whose key starts with `prefix`; none if the tree does not exist.
+    fn rows<'t>(
+        &'t self,
+        tree: Option<&'t ReadOnlyTree>,
+        prefix: &[u8],
+    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + 't {
+        let mut iter = tree.map(|t| t.scan_prefix(prefix));
+        let mut failed = false;
+        std::iter::from_fn(move || {
+            if failed {
+                return None;
+            }
+            let rows = iter.as_mut()?;
+            let next = catch_panic(|| rows.next().transpose()).transpose()?;
+            failed = next.is_err();
+            Some(next.map_err(|e| read_err(&self.path, e)))
+        })
+    }
 }
 
 fn decoded(key: &VariantKey, bytes: &[u8]) -> Option<Entry> {
@@ -189,10 +195,20 @@ fn db_err(e: sled::Error) -> StoreError {
 }
 
 fn read_err(path: &Path, e: sled::Error) -> StoreError {
-    match e {
-        sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-            StoreError::Locked(PathBuf::from(path))
+    // What `Store::open` treats as corruption (index.rs `classify`) is said as such.
+    let why = match &e {
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            return StoreError::Locked(path.to_path_buf());
         }
-        other => db_err(other),
+        sled::Error::Corruption { at: Some(at), .. } => {
+            format!("sled found corrupted data at {at}")
+        }
+        sled::Error::Corruption { .. } => "sled found corrupted data".into(),
+        sled::Error::ReportableBug(why) | sled::Error::Unsupported(why) => why.clone(),
+        _ => return db_err(e),
+    };
+    StoreError::Damaged {
+        path: path.to_path_buf(),
+        why,
     }
 }

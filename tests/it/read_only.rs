@@ -774,3 +774,40 @@ async fn schema_versions_and_the_lock_are_read_as_the_store_reads_them() {
     let reader = read_only_store(empty.path()).unwrap().unwrap();
     assert_eq!(reader.entries(None, None).count(), 0);
 }
+
+// A damaged store is reported as damaged, with what to do about it, not as a sled bug; the
+// read moves nothing aside (a server's open would).
+#[tokio::test]
+async fn a_damaged_store_is_reported_as_damaged_and_left_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let (key, e) = put_entry("/damaged", &[]);
+    crate::store::put(&store, key, e, b"body").await;
+    drop(store);
+    let db = dir.path().join("db");
+    let snapshot = std::fs::read_dir(&db)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("snap.")
+        })
+        .expect("close wrote a snapshot");
+    let mut bytes = std::fs::read(&snapshot).unwrap();
+    bytes[2] ^= 0xff;
+    std::fs::write(&snapshot, &bytes).unwrap();
+    let before = fingerprint(&db);
+
+    let err = read_only_store(dir.path())
+        .err()
+        .expect("a damaged store is an error");
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("is damaged") && message.contains("larder serve"),
+        "{message}"
+    );
+    assert_eq!(fingerprint(&db), before, "the read changed the database");
+}
