@@ -91,7 +91,7 @@ fn share(record_len: usize, entry: Option<&Entry>) -> Share {
     }
 }
 
-fn db_err(e: sled::Error) -> StoreError {
+pub(super) fn db_err(e: sled::Error) -> StoreError {
     StoreError::Db(Box::new(e))
 }
 

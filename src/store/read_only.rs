@@ -12,7 +12,7 @@ use std::sync::Arc;
 use sled::{ReadOnlyDb, ReadOnlyTree};
 
 use super::format::decode_entry;
-use super::index::{SCHEMA_KEY, key_of_row, tag_prefix, tag_row_matches, url_row_matches};
+use super::index::{SCHEMA_KEY, db_err, key_of_row, tag_prefix, tag_row_matches, url_row_matches};
 use super::migrate::CURRENT_SCHEMA;
 use super::{Entry, StoreError};
 use crate::key::VariantKey;
@@ -188,10 +188,6 @@ fn catch_panic<T>(read: impl FnOnce() -> sled::Result<T>) -> sled::Result<T> {
             "sled panicked while reading the store".into(),
         ))
     })
-}
-
-fn db_err(e: sled::Error) -> StoreError {
-    StoreError::Db(Box::new(e))
 }
 
 fn read_err(path: &Path, e: sled::Error) -> StoreError {

@@ -57,39 +57,41 @@ fn random_write(db: &sled::Db, trees: &[sled::Tree], rng: &mut Rng) {
     let _ = db;
 }
 
-fn open_sled(dir: &Path) -> sled::Db {
-    // sled releases its lock only once its threads let go of a dropped handle.
+/// `open()`, tried again for up to 10 s while it fails as `locked`: sled releases its lock only
+/// once its threads let go of a handle dropped in this process.
+fn until_unlocked<T, E>(
+    mut open: impl FnMut() -> Result<T, E>,
+    locked: impl Fn(&E) -> bool,
+) -> Result<T, E> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .cache_capacity(1 << 20)
-            .open()
-        {
-            Ok(db) => return db,
-            Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
+        match open() {
+            Err(e) if Instant::now() < deadline && locked(&e) => {
                 std::thread::sleep(Duration::from_millis(20))
             }
-            Err(e) => panic!("sled cannot open {}: {e}", dir.display()),
+            other => return other,
         }
     }
 }
 
+fn sled_locked(e: &sled::Error) -> bool {
+    e.to_string().contains("lock")
+}
+
+fn open_sled(dir: &Path) -> sled::Db {
+    let config = sled::Config::new()
+        .path(dir)
+        .flush_every_ms(None)
+        .cache_capacity(1 << 20);
+    until_unlocked(|| config.open(), sled_locked)
+        .unwrap_or_else(|e| panic!("sled cannot open {}: {e}", dir.display()))
+}
+
 fn open_read_only(dir: &Path) -> Arc<sled::ReadOnlyDb> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match sled::Config::new()
-            .path(dir)
-            .open_read_only(tempfile::tempfile)
-        {
-            Ok(db) => return db.expect("a database is there"),
-            Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => panic!("the read-only reader cannot open {}: {e}", dir.display()),
-        }
-    }
+    let config = sled::Config::new().path(dir);
+    until_unlocked(|| config.open_read_only(tempfile::tempfile), sled_locked)
+        .unwrap_or_else(|e| panic!("the read-only reader cannot open {}: {e}", dir.display()))
+        .expect("a database is there")
 }
 
 fn sled_contents(db: &sled::Db) -> Contents {
@@ -392,7 +394,7 @@ async fn closing_the_store_leaves_nothing_to_replay() {
     let db = dir.path().join("db");
     // A clone of the database's files while the store still runs: what a crash now would leave.
     let crashed = tempfile::tempdir().unwrap();
-    copy_dir(&db, crashed.path());
+    crate::store::copy_dir(&db, crashed.path());
     drop(store);
 
     let replay = |path: &Path| open_read_only(path).replayed_log_records();
@@ -407,19 +409,6 @@ async fn closing_the_store_leaves_nothing_to_replay() {
         after_close <= 16,
         "closing left {after_close} records to replay"
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for item in std::fs::read_dir(from).unwrap() {
-        let path = item.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).unwrap();
-        }
-    }
 }
 
 /// A small database of one tree, closed.
@@ -444,16 +433,8 @@ fn a_damaged_snapshot_is_an_error() {
         500
     );
 
-    let snapshot = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            // snap.<16 hex digits>: not a temp file of an interrupted write.
-            name.starts_with("snap.") && name.len() == 21
-        })
-        .max()
-        .expect("a snapshot file");
+    let newest = crate::store::snapshot_files(dir.path());
+    let snapshot = dir.path().join(newest.last().expect("a snapshot file"));
     let mut bytes = std::fs::read(&snapshot).unwrap();
     let last_body_byte = bytes.len() - 13;
     bytes[last_body_byte] = 0xff;
@@ -608,16 +589,7 @@ fn the_reader_skips_fragments_of_pages_whose_base_moved_on() {
         db.flush().unwrap();
         sled_contents(&db)
     };
-    let snapshots = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("snap.")
-        })
-        .count();
+    let snapshots = crate::store::snapshot_files(dir.path()).len();
     assert_eq!(snapshots, 0, "the whole log is replayed");
     let reader = open_read_only(dir.path());
     assert_eq!(read_only_contents(&reader), written);
@@ -626,15 +598,10 @@ fn the_reader_skips_fragments_of_pages_whose_base_moved_on() {
 
 /// [`ReadOnlyStore::open`], waiting for a lock that a handle dropped in this process still holds.
 fn read_only_store(dir: &Path) -> Result<Option<ReadOnlyStore>, StoreError> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match ReadOnlyStore::open(dir) {
-            Err(StoreError::Locked(_)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            other => return other,
-        }
-    }
+    until_unlocked(
+        || ReadOnlyStore::open(dir),
+        |e| matches!(e, StoreError::Locked(_)),
+    )
 }
 
 /// What all, a prefix, a tag and both list: (variant key, url) each.
@@ -785,16 +752,8 @@ async fn a_damaged_store_is_reported_as_damaged_and_left_in_place() {
     crate::store::put(&store, key, e, b"body").await;
     drop(store);
     let db = dir.path().join("db");
-    let snapshot = std::fs::read_dir(&db)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("snap.")
-        })
-        .expect("close wrote a snapshot");
+    let written = crate::store::snapshot_files(&db);
+    let snapshot = db.join(written.first().expect("close wrote a snapshot"));
     let mut bytes = std::fs::read(&snapshot).unwrap();
     bytes[2] ^= 0xff;
     std::fs::write(&snapshot, &bytes).unwrap();

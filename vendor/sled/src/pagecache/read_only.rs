@@ -291,8 +291,7 @@ impl DiskPageTable {
         if pread_exact_or_eof(&self.slots, &mut slot, pid * SLOT_LEN)? < slot.len() {
             return Ok(None);
         }
-        let offset = u64::from_le_bytes(slot[..8].try_into().unwrap());
-        let len = u32::from_le_bytes(slot[8..12].try_into().unwrap());
+        let (offset, len) = decode_slot(&slot);
         if len == 0 {
             return Ok(None);
         }
@@ -304,9 +303,7 @@ impl DiskPageTable {
     fn set(&mut self, pid: PageId, state: &PageState) -> Result<()> {
         let bytes = state.serialize();
         pwrite_all(&self.states, &bytes, self.states_len)?;
-        let mut slot = [0u8; SLOT_LEN as usize];
-        slot[..8].copy_from_slice(&self.states_len.to_le_bytes());
-        slot[8..12].copy_from_slice(&u32::try_from(bytes.len()).unwrap().to_le_bytes());
+        let slot = encode_slot(self.states_len, bytes.len());
         pwrite_all(&self.slots, &slot, pid * SLOT_LEN)?;
         self.states_len += bytes.len() as u64;
         self.pages = self.pages.max(pid + 1);
@@ -366,10 +363,7 @@ impl DiskPageTable {
             let used = window.len() - rest.len();
             let bytes = &window[..used];
             states.write_all(bytes)?;
-            let mut slot = [0u8; SLOT_LEN as usize];
-            slot[..8].copy_from_slice(&self.states_len.to_le_bytes());
-            slot[8..12].copy_from_slice(&u32::try_from(used).unwrap().to_le_bytes());
-            slots.write_all(&slot)?;
+            slots.write_all(&encode_slot(self.states_len, used))?;
             self.states_len += used as u64;
             reader.consume(used);
             pid += 1;
@@ -464,8 +458,7 @@ impl DiskPageTable {
                 read = pread_exact_or_eof(&self.slots, &mut chunk, pid * SLOT_LEN)?;
             }
             let slot = &chunk[at..at + SLOT_LEN as usize];
-            let present = at + (SLOT_LEN as usize) <= read
-                && u32::from_le_bytes(slot[8..12].try_into().unwrap()) != 0;
+            let present = at + (SLOT_LEN as usize) <= read && decode_slot(slot).1 != 0;
             if !present {
                 return Err(Error::ReportableBug(format!(
                     "page {} is uninitialized in the recovered page table",
@@ -496,6 +489,21 @@ impl DiskPageTable {
         }
         Ok(Some(update))
     }
+}
+
+/// A slot: where a page's serialized state starts in the state file, and its length.
+fn encode_slot(offset: u64, len: usize) -> [u8; SLOT_LEN as usize] {
+    let mut slot = [0u8; SLOT_LEN as usize];
+    slot[..8].copy_from_slice(&offset.to_le_bytes());
+    slot[8..12].copy_from_slice(&u32::try_from(len).unwrap().to_le_bytes());
+    slot
+}
+
+fn decode_slot(slot: &[u8]) -> (u64, u32) {
+    (
+        u64::from_le_bytes(slot[..8].try_into().unwrap()),
+        u32::from_le_bytes(slot[8..12].try_into().unwrap()),
+    )
 }
 
 /// One record of page `pid`, checked against what the page table expects of it.
